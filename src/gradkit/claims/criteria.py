@@ -1,0 +1,213 @@
+"""Pass criteria of claims: comparisons of measured numbers, aggregated over seeds.
+
+A criterion is data: the report prints its description next to the numbers it
+compared. Metrics arrive per seed as ``{arm: {metric: value}}``; each criterion
+reduces them to seed means (or checks every seed) and returns :class:`Check`
+records. A non-finite value in a metric a criterion reads fails that check.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+SeedMetrics = Mapping[str, Mapping[str, float]]
+
+
+@dataclass(frozen=True)
+class Check:
+    """One evaluated condition: what was compared, the numbers, and the outcome."""
+
+    description: str
+    passed: bool
+    detail: str
+
+
+def _values(per_seed: Sequence[SeedMetrics], arm: str, metric: str) -> list[float]:
+    out = []
+    for i, m in enumerate(per_seed):
+        if arm not in m:
+            raise KeyError(f"arm {arm!r} missing from seed #{i} metrics (arms: {sorted(m)})")
+        if metric not in m[arm]:
+            raise KeyError(f"metric {metric!r} missing from arm {arm!r} (metrics: {sorted(m[arm])})")
+        out.append(float(m[arm][metric]))
+    return out
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _finite(xs: Sequence[float]) -> bool:
+    return all(math.isfinite(x) for x in xs)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}" if math.isfinite(x) else str(x)
+
+
+class Criterion:
+    """Base class; subclasses implement :meth:`checks` and :meth:`describe`."""
+
+    def checks(self, per_seed: Sequence[SeedMetrics]) -> list[Check]:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def evaluate(self, per_seed: Sequence[SeedMetrics]) -> tuple[bool, list[Check]]:
+        if not per_seed:
+            return False, [Check(self.describe(), False, "no runs")]
+        cs = self.checks(per_seed)
+        return all(c.passed for c in cs), cs
+
+
+@dataclass(frozen=True)
+class Gain(Criterion):
+    """mean(ours) - mean(baseline) >= at_least (metric units)."""
+
+    metric: str
+    ours: str
+    baseline: str
+    at_least: float
+
+    def describe(self) -> str:
+        return f"{self.metric}: {self.ours} >= {self.baseline} + {self.at_least:g}"
+
+    def checks(self, per_seed):
+        a, b = _values(per_seed, self.ours, self.metric), _values(per_seed, self.baseline, self.metric)
+        gain = _mean(a) - _mean(b)
+        ok = _finite(a) and _finite(b) and gain >= self.at_least
+        return [Check(self.describe(), ok, f"{_fmt(_mean(a))} vs {_fmt(_mean(b))} (gain {gain:+.4g})")]
+
+
+@dataclass(frozen=True)
+class Drop(Criterion):
+    """mean(baseline) - mean(ours) <= at_most: ours may lose at most this much."""
+
+    metric: str
+    ours: str
+    baseline: str
+    at_most: float
+
+    def describe(self) -> str:
+        return f"{self.metric}: {self.ours} >= {self.baseline} - {self.at_most:g}"
+
+    def checks(self, per_seed):
+        a, b = _values(per_seed, self.ours, self.metric), _values(per_seed, self.baseline, self.metric)
+        drop = _mean(b) - _mean(a)
+        ok = _finite(a) and _finite(b) and drop <= self.at_most
+        return [Check(self.describe(), ok, f"{_fmt(_mean(a))} vs {_fmt(_mean(b))} (drop {drop:+.4g})")]
+
+
+@dataclass(frozen=True)
+class Below(Criterion):
+    """A metric of one arm stays below a value: in every seed (default) or in the mean."""
+
+    metric: str
+    arm: str
+    value: float
+    every_seed: bool = True
+
+    def describe(self) -> str:
+        scope = "every seed" if self.every_seed else "mean"
+        return f"{self.metric}[{self.arm}] < {self.value:g} ({scope})"
+
+    def checks(self, per_seed):
+        xs = _values(per_seed, self.arm, self.metric)
+        ok = _finite(xs) and (all(x < self.value for x in xs) if self.every_seed else _mean(xs) < self.value)
+        return [Check(self.describe(), ok, "seeds: " + ", ".join(_fmt(x) for x in xs))]
+
+
+@dataclass(frozen=True)
+class AtLeast(Criterion):
+    """mean of a metric of one arm >= value."""
+
+    metric: str
+    arm: str
+    value: float
+
+    def describe(self) -> str:
+        return f"{self.metric}[{self.arm}] >= {self.value:g} (mean)"
+
+    def checks(self, per_seed):
+        xs = _values(per_seed, self.arm, self.metric)
+        ok = _finite(xs) and _mean(xs) >= self.value
+        return [Check(self.describe(), ok, f"mean {_fmt(_mean(xs))}")]
+
+
+@dataclass(frozen=True)
+class AtMost(Criterion):
+    """mean of a metric of one arm <= value."""
+
+    metric: str
+    arm: str
+    value: float
+
+    def describe(self) -> str:
+        return f"{self.metric}[{self.arm}] <= {self.value:g} (mean)"
+
+    def checks(self, per_seed):
+        xs = _values(per_seed, self.arm, self.metric)
+        ok = _finite(xs) and _mean(xs) <= self.value
+        return [Check(self.describe(), ok, f"mean {_fmt(_mean(xs))}")]
+
+
+@dataclass(frozen=True)
+class Monotonic(Criterion):
+    """Seed means of a metric are strictly monotonic across an ordered list of arms."""
+
+    metric: str
+    arms: tuple[str, ...]
+    increasing: bool = True
+
+    def describe(self) -> str:
+        rel = " < " if self.increasing else " > "
+        return f"{self.metric}: " + rel.join(self.arms) + " (seed means)"
+
+    def checks(self, per_seed):
+        means = [_mean(_values(per_seed, a, self.metric)) for a in self.arms]
+        pairs = zip(means, means[1:])
+        ok = all(math.isfinite(m) for m in means) and all(
+            (b > a) if self.increasing else (b < a) for a, b in pairs
+        )
+        return [Check(self.describe(), ok, ", ".join(_fmt(m) for m in means))]
+
+
+@dataclass(frozen=True)
+class AllFinite(Criterion):
+    """Every metric of every arm is finite in every seed (a NaN is a failed run)."""
+
+    def describe(self) -> str:
+        return "all metrics finite in every seed"
+
+    def checks(self, per_seed):
+        bad = [
+            f"seed#{i} {arm}.{k}"
+            for i, m in enumerate(per_seed)
+            for arm, vals in m.items()
+            for k, v in vals.items()
+            if not math.isfinite(float(v))
+        ]
+        return [Check(self.describe(), not bad, "ok" if not bad else "non-finite: " + ", ".join(bad[:5]))]
+
+
+class AllOf(Criterion):
+    """Every sub-criterion must hold."""
+
+    def __init__(self, *criteria: Criterion) -> None:
+        if not criteria:
+            raise ValueError("AllOf needs at least one criterion")
+        self.criteria = tuple(criteria)
+
+    def describe(self) -> str:
+        return " AND ".join(c.describe() for c in self.criteria)
+
+    def checks(self, per_seed):
+        out: list[Check] = []
+        for c in self.criteria:
+            out.extend(c.checks(per_seed))
+        return out
+
+    def __repr__(self) -> str:
+        return f"AllOf{self.criteria!r}"

@@ -1,0 +1,186 @@
+"""Registry, criteria, engine, batching, results store, testing oracles."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from gradkit.claims import AllFinite, AllOf, AtLeast, AtMost, Below, Drop, Gain, Monotonic
+from gradkit.data import TensorBatches
+from gradkit.engine import History, accuracy, fit, resolve_device, seed_everything
+from gradkit.registry import Registry
+from gradkit.results import ResultStore, RunRecord, StoreError
+from gradkit.suite import parse_seeds
+from gradkit.testing import SavedBytesMeter, assert_no_hooks_left, assert_same_grads, count_hooks, param_grads
+
+
+def test_registry_duplicates_and_unknown():
+    r = Registry("thing")
+    r.add("a", 1)
+    with pytest.raises(ValueError, match="'a' is already registered"):
+        r.add("a", 2)
+    with pytest.raises(KeyError, match="unknown thing 'b'; known: a"):
+        r.get("b")
+    with pytest.raises(ValueError, match="non-empty"):
+        r.add("", 3)
+    assert "a" in r and len(r) == 1 and r.names() == ["a"]
+
+
+SEEDS = [{"ours": {"acc": 80.0, "gs": 1.0}, "base": {"acc": 70.0, "gs": 2.0}},
+         {"ours": {"acc": 84.0, "gs": 1.5}, "base": {"acc": 72.0, "gs": 2.5}}]
+
+
+def test_criteria_compare_seed_means():
+    assert Gain("acc", "ours", "base", 10.0).evaluate(SEEDS)[0]  # 82 - 71 = 11
+    assert not Gain("acc", "ours", "base", 12.0).evaluate(SEEDS)[0]
+    assert Drop("acc", "base", "ours", 11.0).evaluate(SEEDS)[0]
+    assert not Drop("acc", "base", "ours", 10.9).evaluate(SEEDS)[0]
+    assert Below("acc", "base", 73.0).evaluate(SEEDS)[0]
+    assert not Below("acc", "base", 72.0).evaluate(SEEDS)[0]
+    assert Below("acc", "base", 71.5, every_seed=False).evaluate(SEEDS)[0]
+    assert AtLeast("acc", "ours", 82.0).evaluate(SEEDS)[0] and not AtLeast("acc", "ours", 82.1).evaluate(SEEDS)[0]
+    assert AtMost("gs", "ours", 1.25).evaluate(SEEDS)[0]
+    assert Monotonic("gs", ("ours", "base")).evaluate(SEEDS)[0]
+    assert not Monotonic("gs", ("base", "ours")).evaluate(SEEDS)[0]
+    both = AllOf(Gain("acc", "ours", "base", 10.0), Monotonic("gs", ("base", "ours")))
+    ok, checks = both.evaluate(SEEDS)
+    assert not ok and [c.passed for c in checks] == [True, False]
+    assert "gain +11" in checks[0].detail
+
+
+def test_criteria_nan_fails_and_missing_is_clear():
+    bad = [{"ours": {"acc": float("nan")}, "base": {"acc": 1.0}}]
+    assert not Gain("acc", "ours", "base", -100).evaluate(bad)[0]
+    assert not AllFinite().evaluate(bad)[0]
+    assert not Gain("acc", "ours", "base", 0).evaluate([])[0]
+    with pytest.raises(KeyError, match="arm 'x' missing"):
+        Gain("acc", "x", "base", 0).evaluate(bad)
+    with pytest.raises(ValueError):
+        AllOf()
+
+
+def test_parse_seeds():
+    assert parse_seeds(None, 3) == [0, 1, 2]
+    assert parse_seeds("2", 3) == [0, 1]
+    assert parse_seeds("11,12,13", 3) == [11, 12, 13]
+    assert parse_seeds("7,", 3) == [7]
+    for bad in ("0", "-1,2", "x", "1,1", ","):
+        with pytest.raises(ValueError):
+            parse_seeds(bad, 3)
+
+
+def _toy(seed):
+    g = seed_everything(seed)
+    x = torch.randn(64, 5, generator=g)
+    y = (x[:, 0] > 0).long()
+    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hist = fit(model, opt, TensorBatches(x, y, batch_size=16, generator=g), epochs=5,
+               evaluate=lambda m: {"acc": accuracy(m, x, y)})
+    return model, hist
+
+
+def test_fit_is_bit_identical_on_rerun_and_learns():
+    m1, h1 = _toy(3)
+    m2, h2 = _toy(3)
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+    assert h1.records == h2.records
+    assert h1.series("train_loss")[-1] < h1.series("train_loss")[0]
+    assert h1.best("acc") >= 80.0 and h1.steps == 20
+    m3, _ = _toy(4)
+    assert not torch.equal(next(m1.parameters()), next(m3.parameters()))
+
+
+def test_fit_hooks_order_and_nan_stop():
+    calls = []
+    model = nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = [(torch.ones(1, 2), torch.zeros(1))] * 3
+
+    def loss(m, b):
+        calls.append("loss")
+        out = m(b[0]).sum()
+        return out * float("nan") if len([c for c in calls if c == "loss"]) == 5 else out
+
+    h = fit(model, opt, data, epochs=3, compute_loss=loss, on_step_start=lambda s: calls.append(f"start{s}"),
+            before_step=lambda s: calls.append(f"pre{s}"))
+    assert calls[:3] == ["start0", "loss", "pre0"]
+    assert len(h.records) == 2 and math.isnan(h.records[-1]["train_loss"])
+    assert math.isnan(h.best("train_loss"))
+    with pytest.raises(ValueError, match="epochs"):
+        fit(model, opt, data, epochs=-1)
+    with pytest.raises(KeyError):
+        History().last("x")
+
+
+def test_seed_and_device_validation():
+    with pytest.raises(ValueError, match="seed"):
+        seed_everything(-1)
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    with pytest.raises(ValueError, match="device"):
+        resolve_device("nonsense")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+def test_tensor_batches():
+    x, y = torch.arange(10.0), torch.arange(10)
+    b = list(TensorBatches(x, y, batch_size=4, shuffle=False))
+    assert [len(t[0]) for t in b] == [4, 4, 2] and torch.equal(b[0][1], torch.arange(4))
+    assert len(TensorBatches(x, y, batch_size=4, drop_last=True)) == 2
+    g = torch.Generator().manual_seed(0)
+    seen = torch.cat([t[0] for t in TensorBatches(x, batch_size=3, generator=g)])
+    assert sorted(seen.tolist()) == x.tolist()
+    with pytest.raises(ValueError, match="tensor #1 has 3 rows"):
+        TensorBatches(x, torch.arange(3), batch_size=2)
+    with pytest.raises(ValueError, match="batch_size"):
+        TensorBatches(x, batch_size=0)
+
+
+def test_store_round_trip_and_nan(tmp_path):
+    s = ResultStore(tmp_path / "a" / "r.db")
+    rec = RunRecord(slug="x", claim_version=1, scale="quick", seed=0, data_mode="bundled", data="d",
+                    metrics={"ours": {"acc": float("nan"), "b": 1.5}}, curves={"c": {"ours": [1.0, 2.0]}})
+    s.add_run(rec)
+    s.add_run(RunRecord(slug="x", claim_version=1, scale="quick", seed=0, data_mode="bundled", data="d",
+                        metrics={"ours": {"acc": 3.0, "b": 1.0}}))
+    (got,) = s.latest_per_seed("x", 1, "quick", "bundled").values()
+    assert got.metrics["ours"]["acc"] == 3.0
+    first = s.runs()[0]
+    assert math.isnan(first.metrics["ours"]["acc"]) and first.curves == {"c": {"ours": [1.0, 2.0]}}
+    assert s.groups() == [("x", 1, "quick", "bundled")]
+    assert s.latest_per_seed("x", 2, "quick", "bundled") == {}
+
+
+def test_store_errors(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(StoreError, match="cannot create the folder"):
+        ResultStore(tmp_path / "f" / "r.db")
+    bad = tmp_path / "bad.db"
+    bad.write_bytes(b"garbage" * 1000)
+    with pytest.raises(StoreError, match="cannot be used"):
+        ResultStore(bad)
+
+
+def test_testing_oracles():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    x = torch.randn(5, 3)
+    g1 = param_grads(m, lambda mm: mm(x).sum())
+    g2 = param_grads(m, lambda mm: mm(x).sum())
+    assert_same_grads(g1, g2)
+    with pytest.raises(AssertionError, match="gradients differ"):
+        assert_same_grads(g1, param_grads(m, lambda mm: 2 * mm(x).sum()))
+    with SavedBytesMeter() as meter:
+        m(x).sum().backward()
+    # saved: x for Linear1 (input), tanh output, its input to Linear2 -> at least 5x3 + 5x4 floats
+    assert meter.bytes >= (15 + 20) * 4
+    before = count_hooks(m)
+    h = m[0].register_forward_hook(lambda *a: None)
+    with pytest.raises(AssertionError, match="1 hook"):
+        assert_no_hooks_left(m, before)
+    h.remove()
+    assert_no_hooks_left(m, before)
