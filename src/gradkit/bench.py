@@ -1,0 +1,107 @@
+"""Benchmarks: per-step cost of a component as a ratio to plain PyTorch, measured in one process.
+
+Baseline and candidate steps are interleaved (A, B, A, B, ...) so that drifts in machine load hit
+both alike; the ratio is of the medians. A benchmark module registers a :class:`Benchmark` whose
+``run(repeats)`` returns a :class:`BenchResult`.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .registry import Registry
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """Measured medians (seconds per step) and their ratio candidate / baseline."""
+
+    baseline_s: float
+    candidate_s: float
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return self.candidate_s / self.baseline_s if self.baseline_s > 0 else float("inf")
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """name: unique id; slug: the paper; target: the ratio to stay at or under (None: report only)."""
+
+    name: str
+    slug: str
+    description: str
+    run: Callable[[int], BenchResult]
+    target: float | None = None
+    baseline: str = "plain PyTorch"
+
+
+BENCHMARKS: Registry[Benchmark] = Registry("benchmark")
+
+
+def register_benchmark(b: Benchmark) -> Benchmark:
+    return BENCHMARKS.add(b.name, b)
+
+
+def compare_steps(
+    baseline: Callable[[], object],
+    candidate: Callable[[], object],
+    *,
+    repeats: int = 30,
+    warmup: int = 5,
+    inner: int = 1,
+) -> BenchResult:
+    """Time two step functions interleaved; return the medians of ``repeats`` timings.
+
+    Each timing covers ``inner`` consecutive calls (use it for very short steps).
+    """
+    if repeats < 1 or warmup < 0 or inner < 1:
+        raise ValueError(f"repeats and inner must be >= 1 and warmup >= 0, got {repeats}, {inner}, {warmup}")
+    for _ in range(warmup):
+        baseline()
+        candidate()
+    tb: list[float] = []
+    tc: list[float] = []
+    for i in range(repeats):
+        pair = ((baseline, tb), (candidate, tc)) if i % 2 == 0 else ((candidate, tc), (baseline, tb))
+        for fn, sink in pair:
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            sink.append((time.perf_counter() - t0) / inner)
+    return BenchResult(statistics.median(tb), statistics.median(tc))
+
+
+BUILTIN = ("dann", "gradient_noise", "reste")
+_loaded = False
+
+
+def load_benchmarks() -> None:
+    global _loaded
+    if _loaded:
+        return
+    import importlib
+
+    for name in BUILTIN:
+        importlib.import_module(f"gradkit.benchmarks.{name}")
+    _loaded = True
+
+
+def run_benchmarks(names: list[str] | None = None, repeats: int = 30, threads: int | None = 2):
+    """Run the named (default: all) benchmarks; yield ``(Benchmark, BenchResult)`` pairs."""
+    load_benchmarks()
+    chosen = names or BENCHMARKS.names()
+    benches = [BENCHMARKS.get(n) for n in chosen]
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        for b in benches:
+            yield b, b.run(repeats)
+    finally:
+        torch.set_num_threads(old)

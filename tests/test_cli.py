@@ -1,0 +1,166 @@
+"""The gradkit command end to end: exit codes, errors, JSON, store, resume after kill -9, concurrency."""
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, TESTS
+
+
+def gk(*args, env=None, db=None, timeout=120, **kw):
+    e = dict(os.environ)
+    e["GRADKIT_CLAIMS"] = "fake_claims"
+    e["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO / "src"), e.get("PYTHONPATH", "")])
+    if db is not None:
+        e["GRADKIT_DB"] = str(db)
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "gradkit", *args], capture_output=True, text=True, env=e,
+                          timeout=timeout, **kw)
+
+
+def rows(db, sql="SELECT slug, seed FROM runs ORDER BY id"):
+    con = sqlite3.connect(db)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def test_list_and_show(tmp_path):
+    r = gk("list", db=tmp_path / "r.db")
+    assert r.returncode == 0, r.stderr
+    for slug in ("dann", "gradient-noise", "reste", "fake-pass"):
+        assert slug in r.stdout
+    r = gk("list", "--json", db=tmp_path / "r.db")
+    slugs = {c["slug"] for c in json.loads(r.stdout)}
+    assert {"dann", "gradient-noise", "reste"} <= slugs
+    r = gk("show", "fake-pass", db=tmp_path / "r.db")
+    assert r.returncode == 0 and "acc: ours >= base + 2" in r.stdout
+
+
+def test_run_pass_and_fail_exit_codes_and_json(tmp_path):
+    db = tmp_path / "r.db"
+    r = gk("run", "fake-pass", "--seeds", "3", "--json", db=db)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    (c,) = out["claims"]
+    assert c["passed"] and c["seeds"] == [0, 1, 2]
+    assert c["stats"]["ours"]["acc"]["mean"] == pytest.approx(56.0)
+    assert rows(db) == [("fake-pass", 0), ("fake-pass", 1), ("fake-pass", 2)]
+    r = gk("run", "fake-fail", "--seeds", "11,12,13", db=db)
+    assert r.returncode == 1
+    assert "FAIL" in r.stdout and "fake-fail" in r.stdout
+    assert [s for _, s in rows(db)][-3:] == [11, 12, 13]
+
+
+def test_crashing_claim_is_reported_and_exit_1(tmp_path):
+    r = gk("run", "fake-crash", "fake-pass", "--seeds", "1", db=tmp_path / "r.db")
+    assert r.returncode == 1
+    assert "fake-crash" in r.stderr and "boom" in r.stderr and "Traceback" not in r.stderr
+    assert "fake-pass" in r.stdout
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("run", "no-such-claim"), "unknown claim 'no-such-claim'"),
+    (("show", "no-such-claim"), "unknown claim"),
+    (("run", "fake-pass", "--seeds", "0"), "seeds must be a count >= 1"),
+    (("run", "fake-pass", "--seeds", "a,b"), "seeds must be a count"),
+    (("run", "fake-pass", "--seeds", "1,1"), "distinct"),
+    (("run", "fake-pass", "--scale", "huge"), "invalid choice"),
+    (("run", "fake-pass", "--data-root", "/nonexistent/dir"), "not a folder"),
+    (("run", "fake-pass", "--device", "cuda:7"), "device"),
+    (("run", "fake-pass", "--device", "tpu"), "device"),
+    (("bench", "no-such-bench"), "unknown benchmark"),
+])
+def test_usage_errors_exit_2_one_line(tmp_path, args, needle):
+    r = gk(*args, db=tmp_path / "r.db")
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert needle in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_unwritable_database_is_a_clear_error(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "sub").write_text("a file where a folder should be")
+    r = gk("run", "fake-pass", "--seeds", "1", db=ro / "sub" / "r.db")
+    assert r.returncode == 2 and "results database" in r.stderr and "Traceback" not in r.stderr
+    corrupt = tmp_path / "corrupt.db"
+    corrupt.write_bytes(b"this is not a database" * 100)
+    r = gk("run", "fake-pass", "--seeds", "1", db=corrupt)
+    assert r.returncode == 2 and "cannot be used" in r.stderr
+
+
+def test_reproduce_resumes_after_kill_9(tmp_path):
+    db = tmp_path / "r.db"
+    gate = tmp_path / "gate"
+    env = {"GRADKIT_FAKE_GATE": str(gate), "GRADKIT_FAKE_GATE_FROM": "2"}
+    e = dict(os.environ, GRADKIT_CLAIMS="fake_claims", GRADKIT_DB=str(db), **env,
+             PYTHONPATH=os.pathsep.join([str(TESTS), str(REPO / "src")]))
+    p = subprocess.Popen([sys.executable, "-m", "gradkit", "reproduce", "--only", "fake-gate", "--seeds", "4"],
+                         env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 90
+        while True:  # wait until seeds 0 and 1 are stored; seed 2 then blocks on the gate
+            if db.exists():
+                try:
+                    if len(rows(db)) >= 2:
+                        break
+                except sqlite3.OperationalError:
+                    pass
+            assert p.poll() is None, p.communicate()
+            assert time.monotonic() < deadline, "reproduce did not store two runs"
+            time.sleep(0.05)
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert rows(db) == [("fake-gate", 0), ("fake-gate", 1)]
+    gate.touch()
+    r = gk("reproduce", "--only", "fake-gate", "--seeds", "4", "--json", db=db, env=env)
+    assert r.returncode == 0, r.stderr
+    assert rows(db) == [("fake-gate", s) for s in range(4)]  # 0 and 1 were not rerun
+    (c,) = json.loads(r.stdout)["claims"]
+    assert c["seeds"] == [0, 1, 2, 3] and c["passed"]
+    r = gk("reproduce", "--only", "fake-gate", "--seeds", "4", db=db, env=env)
+    assert r.returncode == 0 and len(rows(db)) == 4 and "stored" in r.stderr
+
+
+def test_two_concurrent_writers_both_land(tmp_path):
+    db = tmp_path / "r.db"
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    e = dict(os.environ, GRADKIT_CLAIMS="fake_claims", GRADKIT_DB=str(db), GRADKIT_FAKE_BARRIER=str(barrier),
+             GRADKIT_FAKE_BARRIER_N="2", PYTHONPATH=os.pathsep.join([str(TESTS), str(REPO / "src")]))
+    procs = [subprocess.Popen([sys.executable, "-m", "gradkit", "run", "fake-barrier", "--seeds", seeds],
+                              env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for seeds in ("0,1,2,3,4", "5,6,7,8,9")]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert sorted(s for _, s in rows(db)) == list(range(10))
+
+
+def test_report_from_database(tmp_path):
+    db = tmp_path / "r.db"
+    assert gk("run", "fake-pass", "--seeds", "2", db=db).returncode == 0
+    assert gk("run", "fake-fail", "--seeds", "2", db=db).returncode == 1
+    out = tmp_path / "rep"
+    r = gk("report", "--out", str(out), db=db)
+    assert r.returncode == 0, r.stderr
+    md = (out / "report.md").read_text()
+    assert "| fake-pass | quick | fake |" in md and "PASS" in md and "FAIL" in md
+    assert (out / "report.html").exists()
+    png = out / "plots" / "fake-pass-quick-bundled-acc.png"
+    assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_python_dash_m_and_version(tmp_path):
+    r = gk("--version", db=tmp_path / "r.db")
+    assert r.returncode == 0 and "gradkit" in r.stdout
