@@ -1,5 +1,7 @@
 import os
 import sys
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its thread pool
 from pathlib import Path
 
 import pytest

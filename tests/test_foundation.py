@@ -184,3 +184,17 @@ def test_testing_oracles():
         assert_no_hooks_left(m, before)
     h.remove()
     assert_no_hooks_left(m, before)
+
+
+def test_every_claim_is_complete_and_its_components_resolve():
+    import importlib
+
+    from gradkit.claims import CLAIMS, load_claims
+
+    load_claims()
+    assert {"dann", "gradient-noise", "reste"} <= set(CLAIMS.names())
+    for slug, c in CLAIMS.items():
+        assert c.title and c.arxiv and c.statement and c.paper_figure and c.uses, slug
+        for dotted in c.uses:
+            mod, _, attr = dotted.rpartition(".")
+            assert hasattr(importlib.import_module(mod), attr), f"{slug}: {dotted} does not resolve"

@@ -110,7 +110,7 @@ def write_report(store: ResultStore, out_dir: Path, scales: Sequence[str] | None
             if _plot(s, curve, out_dir / rel):
                 plots.setdefault(i, []).append((curve, rel))
 
-    md = [f"# gradkit reproduction report", "", f"Generated {now} from `{store.path.name}`: "
+    md = ["# gradkit reproduction report", "", f"Generated {now} from `{store.path.name}`: "
           f"{len(summaries)} claim result(s), {sum(r[7] == 'PASS' for r in rows)} passing.", "",
           "Ours and baseline are mean ± sample std over the seeds listed; a verdict applies the claim's "
           "criterion to the stored numbers.", ""]
