@@ -1,1 +1,9 @@
+"""Stateless autograd Functions and their function forms: what changes a tensor's backward."""
+from .noise import add_gradient_noise
+from .reversal import GradReverse, grad_reverse
+from .straight_through import (ESTIMATORS, ReSTESign, STESign, binarize_sign, get_estimator, power_surrogate,
+                               register_estimator, reste_derivative, reste_sign, ste_derivative, ste_sign)
 
+__all__ = ["GradReverse", "grad_reverse", "add_gradient_noise", "ReSTESign", "STESign", "reste_sign", "ste_sign",
+           "binarize_sign", "power_surrogate", "reste_derivative", "ste_derivative", "ESTIMATORS",
+           "register_estimator", "get_estimator"]
