@@ -6,7 +6,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from pathlib import Path
+
 
 import pytest
 
