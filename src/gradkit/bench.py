@@ -77,18 +77,21 @@ def compare_steps(
     return BenchResult(statistics.median(tb), statistics.median(tc))
 
 
-BUILTIN = ("dann", "gradient_noise", "reste")
 _loaded = False
 
 
 def load_benchmarks() -> None:
+    """Import every module of ``gradkit.benchmarks`` (each registers its benchmarks)."""
     global _loaded
     if _loaded:
         return
     import importlib
+    import pkgutil
 
-    for name in BUILTIN:
-        importlib.import_module(f"gradkit.benchmarks.{name}")
+    from . import benchmarks
+
+    for m in sorted(pkgutil.iter_modules(benchmarks.__path__), key=lambda m: m.name):
+        importlib.import_module(f"gradkit.benchmarks.{m.name}")
     _loaded = True
 
 

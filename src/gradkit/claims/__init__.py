@@ -7,13 +7,19 @@ from __future__ import annotations
 
 import importlib
 import os
+import pkgutil
 
 from .base import CLAIMS, SCALES, Claim, Primary, RunContext, RunOutput, register
 from .criteria import AllFinite, AllOf, AtLeast, AtMost, Below, Check, Criterion, Drop, Gain, Monotonic
 
-BUILTIN = ("dann", "gradient_noise", "reste")
+_NOT_CLAIMS = {"base", "criteria"}
 
 _loaded = False
+
+
+def builtin_modules() -> list[str]:
+    """Names of the claim modules in this package (every module but the framework's own)."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in _NOT_CLAIMS)
 
 
 def load_claims() -> None:
@@ -21,7 +27,7 @@ def load_claims() -> None:
     global _loaded
     if _loaded:
         return
-    for name in BUILTIN:
+    for name in builtin_modules():
         importlib.import_module(f"{__name__}.{name}")
     extra = [m.strip() for m in os.environ.get("GRADKIT_CLAIMS", "").split(",") if m.strip()]
     for mod in extra:
