@@ -198,3 +198,16 @@ def test_every_claim_is_complete_and_its_components_resolve():
         for dotted in c.uses:
             mod, _, attr = dotted.rpartition(".")
             assert hasattr(importlib.import_module(mod), attr), f"{slug}: {dotted} does not resolve"
+
+
+def test_fit_drives_lbfgs_with_a_closure():
+    g = seed_everything(0)
+    x = torch.randn(64, 3, generator=g)
+    y = x @ torch.tensor([1.0, -2.0, 0.5]) + 0.3
+    model = nn.Linear(3, 1)
+    opt = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=20, line_search_fn="strong_wolfe")
+    calls = []
+    h = fit(model, opt, [(x, y)], epochs=3, compute_loss=lambda m, b: ((m(b[0]).squeeze(1) - b[1]) ** 2).mean(),
+            before_step=lambda s: calls.append(s))
+    assert h.records[-1]["train_loss"] < 1e-6 and len(calls) > 3
+    assert torch.allclose(model.weight.detach(), torch.tensor([[1.0, -2.0, 0.5]]), atol=1e-3)

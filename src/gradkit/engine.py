@@ -181,6 +181,8 @@ def fit(
     evaluate(model): metrics logged after each epoch, together with the mean training loss.
     scheduler: stepped once per epoch (``scheduler_every="epoch"``) or per step (``"step"``).
     A non-finite training loss stops training (the epoch is logged with ``train_loss = nan``).
+    Closure-driven optimizers (``torch.optim.LBFGS``) get a closure that recomputes the loss and
+    gradients (``before_step`` runs inside it); the logged loss is the one at the step's start.
     """
     if not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be a non-negative int, got {epochs!r}")
@@ -188,6 +190,7 @@ def fit(
         raise ValueError(f"scheduler_every must be 'epoch' or 'step', got {scheduler_every!r}")
     hist = History()
     step = 0
+    needs_closure = isinstance(optimizer, torch.optim.LBFGS)
     bar = progress(total=epochs, desc=desc)
     try:
         model.train()
@@ -198,12 +201,23 @@ def fit(
             for batch in batches(epoch) if callable(batches) else batches:
                 if on_step_start is not None:
                     on_step_start(step)
-                optimizer.zero_grad(set_to_none=True)
-                loss = compute_loss(model, batch)
-                loss.backward()
-                if before_step is not None:
-                    before_step(step)
-                optimizer.step()
+                if needs_closure:
+                    def closure(batch=batch, step=step):
+                        optimizer.zero_grad(set_to_none=True)
+                        value = compute_loss(model, batch)
+                        value.backward()
+                        if before_step is not None:
+                            before_step(step)
+                        return value
+
+                    loss = optimizer.step(closure)
+                else:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = compute_loss(model, batch)
+                    loss.backward()
+                    if before_step is not None:
+                        before_step(step)
+                    optimizer.step()
                 if scheduler is not None and scheduler_every == "step":
                     scheduler.step()
                 step += 1
