@@ -4,31 +4,9 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
-from .._validate import real_scalar
+from .._validate import real_scalar, tensor_list
 
 __all__ = ["add_gradient_noise"]
-
-
-def _as_param_list(params: torch.Tensor | Iterable[torch.Tensor], name: str = "params") -> list[torch.Tensor]:
-    """A list of distinct tensors from a tensor or an iterable of tensors (duplicates dropped)."""
-    if isinstance(params, torch.Tensor):
-        items = [params]
-    else:
-        try:
-            items = list(params)
-        except TypeError:
-            raise TypeError(
-                f"{name} must be a tensor or an iterable of tensors, got {type(params).__name__}"
-            ) from None
-    out: list[torch.Tensor] = []
-    seen: set[int] = set()
-    for i, p in enumerate(items):
-        if not isinstance(p, torch.Tensor):
-            raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(p).__name__}")
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    return out
 
 
 def _check_generator(generator: object) -> None:
@@ -87,7 +65,7 @@ def add_gradient_noise(
         add_gradient_noise(model.parameters(), std=annealed_noise_std(t, eta=0.01))
         optimizer.step()
     """
-    plist = _as_param_list(params)
+    plist = tensor_list(params)
     s = real_scalar("std", std, nonneg=True, tensor_ok=False)
     _check_generator(generator)
     grads = _dense_grads(plist)

@@ -7,38 +7,13 @@ from typing import Any, Mapping
 
 import torch
 
-from ..functional.noise import _as_param_list, _check_generator, _dense_grads, add_gradient_noise
+from .._validate import param_list
+from ..functional.noise import _check_generator, _dense_grads, add_gradient_noise
 from ..schedules.noise import annealed_noise_std
 
 __all__ = ["GradientNoise"]
 
 ORDERS = ("after_clip", "before_clip")
-
-
-def _flatten_params(params: Any) -> list[torch.Tensor]:
-    """Tensor, iterable of tensors, or iterable of optimizer-style param-group dicts -> tensors."""
-    if isinstance(params, torch.Tensor):
-        return _as_param_list(params)
-    try:
-        items = list(params)
-    except TypeError:
-        raise TypeError(
-            "params must be a tensor, an iterable of tensors or of param-group dicts, "
-            f"got {type(params).__name__}"
-        ) from None
-    flat: list[Any] = []
-    for i, it in enumerate(items):
-        if isinstance(it, Mapping):
-            if "params" not in it:
-                raise ValueError(f"params[{i}] is a dict without a 'params' key")
-            ps = it["params"]
-            flat.extend([ps] if isinstance(ps, torch.Tensor) else list(ps))
-        else:
-            flat.append(it)
-    out = _as_param_list(flat)
-    if not out:
-        raise ValueError("params is empty: GradientNoise needs at least one tensor")
-    return out
 
 
 class GradientNoise:
@@ -87,7 +62,7 @@ class GradientNoise:
         order: str = "after_clip",
         clip_norm: float | None = None,
     ) -> None:
-        self.params = _flatten_params(params)
+        self.params = param_list(params, "GradientNoise")
         annealed_noise_std(0, eta, gamma)  # validates eta and gamma (names them in the error)
         self.eta = float(eta)
         self.gamma = float(gamma)
