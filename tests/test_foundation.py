@@ -211,3 +211,13 @@ def test_fit_drives_lbfgs_with_a_closure():
             before_step=lambda s: calls.append(s))
     assert h.records[-1]["train_loss"] < 1e-6 and len(calls) > 3
     assert torch.allclose(model.weight.detach(), torch.tensor([[1.0, -2.0, 0.5]]), atol=1e-3)
+
+
+def test_at_least_k_of():
+    from gradkit.claims import AtLeastKOf
+
+    c = AtLeastKOf(2, (Gain("acc", "ours", "base", 10.0), Gain("acc", "ours", "base", 12.0),
+                       Drop("gs", "base", "ours", 0.0)))
+    ok, (check,) = c.evaluate(SEEDS)
+    assert ok and check.detail.startswith("2/3 hold")
+    assert not AtLeastKOf(3, c.criteria).evaluate(SEEDS)[0]

@@ -10,7 +10,7 @@ import os
 import pkgutil
 
 from .base import CLAIMS, SCALES, Claim, Primary, RunContext, RunOutput, register
-from .criteria import AllFinite, AllOf, AtLeast, AtMost, Below, Check, Criterion, Drop, Gain, Monotonic
+from .criteria import AllFinite, AllOf, AtLeast, AtLeastKOf, AtMost, Below, Check, Criterion, Drop, Gain, Monotonic
 
 _NOT_CLAIMS = {"base", "criteria"}
 
@@ -43,5 +43,5 @@ def get_claim(slug: str) -> Claim:
 __all__ = [
     "CLAIMS", "SCALES", "Claim", "Primary", "RunContext", "RunOutput", "register", "load_claims",
     "get_claim", "Criterion", "Check", "Gain", "Drop", "Below", "AtLeast", "AtMost", "Monotonic",
-    "AllFinite", "AllOf",
+    "AllFinite", "AllOf", "AtLeastKOf",
 ]

@@ -192,6 +192,24 @@ class AllFinite(Criterion):
         return [Check(self.describe(), not bad, "ok" if not bad else "non-finite: " + ", ".join(bad[:5]))]
 
 
+@dataclass(frozen=True)
+class AtLeastKOf(Criterion):
+    """At least ``k`` of the sub-criteria hold (every sub-check is reported)."""
+
+    k: int
+    criteria: tuple[Criterion, ...]
+
+    def describe(self) -> str:
+        return f"at least {self.k} of: " + "; ".join(c.describe() for c in self.criteria)
+
+    def checks(self, per_seed):
+        subs = [c.checks(per_seed) for c in self.criteria]
+        ok = [all(ch.passed for ch in s) for s in subs]
+        detail = "; ".join(f"[{'pass' if o else 'fail'}] {ch.description}: {ch.detail}"
+                           for s, o in zip(subs, ok) for ch in s)
+        return [Check(self.describe(), sum(ok) >= self.k, f"{sum(ok)}/{len(ok)} hold: {detail}")]
+
+
 class AllOf(Criterion):
     """Every sub-criterion must hold."""
 
