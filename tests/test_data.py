@@ -124,3 +124,21 @@ def test_bundled_digits_and_mnist1d():
     assert torch.equal(load_mnist1d().x_train, m.x_train)  # cached, identical
     with pytest.raises(ValueError, match="num_samples"):
         load_mnist1d(num_samples=3)
+
+
+def test_mnist_split_subsets_and_normalisation(tmp_path):
+    from gradkit.data.real import mnist_split
+
+    make_mnist(tmp_path / "mnist", n=8)
+    s = mnist_split(tmp_path, 5, 3)
+    assert s.x_train.shape == (5, 784) and s.x_test.shape == (3, 784) and s.name == "mnist"
+    assert torch.allclose(s.x_train.mean(0), torch.zeros(784), atol=1e-5)
+    g = mnist_split(tmp_path, 6, normalise="global", subset="random")
+    assert g.x_test.shape == (8, 784) and abs(float(g.x_train.mean())) < 1e-5
+    assert torch.equal(g.y_train, mnist_split(tmp_path, 6, normalise="global", subset="random").y_train)
+    for kw, msg in ((dict(n_train=0), "n_train"), (dict(n_train=2, subset="last"), "subset"),
+                    (dict(n_train=2, normalise="minmax"), "normalise")):
+        with pytest.raises(ValueError, match=msg):
+            mnist_split(tmp_path, **kw)
+    with pytest.raises(DataError):
+        mnist_split(tmp_path / "nothing-here", 2)

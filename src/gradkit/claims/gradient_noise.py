@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..data import Split, TensorBatches, load_digits_split
+from ..data.real import mnist_split
 from ..engine import accuracy, cpu_threads, fit, mean_loss, seed_everything
 from ..optim.gradient_noise import GradientNoise
 from .base import Claim, Primary, RunContext, RunOutput, register
@@ -62,20 +62,6 @@ def init_mlp(model: nn.Module, init: str) -> None:
             else:
                 raise ValueError(f"init must be 'simple' or 'good', got {init!r}")
             nn.init.zeros_(m.bias)
-
-
-def _load_mnist_subset(root, n_train: int) -> Split:
-    from ..data.readers import load_mnist  # lazy: only the real-data branch needs it
-
-    xtr, ytr = load_mnist(root, "train")
-    xte, yte = load_mnist(root, "test")
-    idx = np.random.RandomState(0).permutation(len(ytr))[:n_train]  # fixed, seed-independent subset
-    xtr = xtr[idx].reshape(len(idx), -1).astype(np.float32) / 255.0
-    xte = xte.reshape(len(xte), -1).astype(np.float32) / 255.0
-    mu, sd = float(xtr.mean()), float(xtr.std())  # one global mean/std: no blow-up of near-constant pixels
-    return Split(torch.from_numpy((xtr - mu) / sd), torch.as_tensor(ytr[idx], dtype=torch.int64),
-                 torch.from_numpy((xte - mu) / sd), torch.as_tensor(yte, dtype=torch.int64),
-                 name="mnist")
 
 
 def _noise_std_probe(gn: GradientNoise, at_steps: set[int], record: dict[int, list[float]]):
@@ -137,7 +123,7 @@ def run(ctx: RunContext) -> RunOutput:
 def _run(ctx: RunContext) -> RunOutput:
     if ctx.data_root is not None:
         n_train = ctx.pick(smoke=2000, quick=10_000, full=60_000)
-        split = _load_mnist_subset(ctx.data_root, n_train).to(ctx.device)
+        split = mnist_split(ctx.data_root, n_train, subset="random", normalise="global").to(ctx.device)
         epochs = ctx.pick(smoke=1, quick=6, full=20)
     else:
         split = load_digits_split().to(ctx.device)

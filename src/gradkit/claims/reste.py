@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data import DataError, Split, TensorBatches, load_digits_split, standardise
+from ..data import DataError, Split, TensorBatches, load_digits_split
+from ..data.real import mnist_split
 from ..engine import accuracy, configure_cpu, fit, seed_everything
 from ..nn.binary import BinaryLinear, set_estimator_param
 from ..probes.binary import estimating_error, gradient_stability
@@ -41,19 +42,6 @@ def build_model(n_in: int, n_out: int, estimator: str, hidden: int = HIDDEN) -> 
         nn.BatchNorm1d(hidden),
         nn.Linear(hidden, n_out),
     )
-
-
-def _load_mnist_subset(root: Path, n_train: int, n_test: int) -> Split:
-    from ..data.readers import load_mnist  # lazy: only the real-data branch needs it
-
-    xtr, ytr = load_mnist(root, split="train")
-    xte, yte = load_mnist(root, split="test")
-    xtr = xtr[:n_train].reshape(min(n_train, len(xtr)), -1).astype("float64") / 255.0
-    xte = xte[:n_test].reshape(min(n_test, len(xte)), -1).astype("float64") / 255.0
-    xtr, xte = standardise(xtr, xte)
-    return Split(torch.tensor(xtr, dtype=torch.float32), torch.as_tensor(ytr[:n_train], dtype=torch.int64),
-                 torch.tensor(xte, dtype=torch.float32), torch.as_tensor(yte[:n_test], dtype=torch.int64),
-                 name="mnist")
 
 
 def _train_arm(arm: str, split: Split, epochs: int, ctx: RunContext) -> tuple[dict, dict]:
@@ -106,7 +94,7 @@ def run(ctx: RunContext) -> RunOutput:
         root = Path(ctx.data_root)
         if not root.is_dir():
             raise DataError(f"--data-root {str(root)!r} is not a folder (expected one holding mnist/)")
-        split = _load_mnist_subset(root, n_train=ctx.pick(smoke=1000, quick=6000, full=60000),
+        split = mnist_split(root, n_train=ctx.pick(smoke=1000, quick=6000, full=60000),
                                    n_test=ctx.pick(smoke=1000, quick=10000, full=10000))
         epochs = ctx.pick(smoke=2, quick=8, full=40)
     else:
