@@ -1,9 +1,13 @@
 """Stateless autograd Functions and their function forms: what changes a tensor's backward."""
 from .noise import add_gradient_noise
+from .periodic import ApproxSign, BiPerSign, NormApproxSign, approx_sign, biper_binarize, norm_approx_sign
 from .reversal import GradReverse, grad_reverse
 from .straight_through import (ESTIMATORS, ReSTESign, STESign, binarize_sign, get_estimator, power_surrogate,
                                register_estimator, reste_derivative, reste_sign, ste_derivative, ste_sign)
+from .tract import TrActConv2dFn, TrActLinearFn, tract_conv2d, tract_linear, tract_weight_grad
 
 __all__ = ["GradReverse", "grad_reverse", "add_gradient_noise", "ReSTESign", "STESign", "reste_sign", "ste_sign",
            "binarize_sign", "power_surrogate", "reste_derivative", "ste_derivative", "ESTIMATORS",
-           "register_estimator", "get_estimator"]
+           "register_estimator", "get_estimator", "BiPerSign", "ApproxSign", "NormApproxSign", "biper_binarize",
+           "approx_sign", "norm_approx_sign", "TrActLinearFn", "TrActConv2dFn", "tract_linear", "tract_conv2d",
+           "tract_weight_grad"]

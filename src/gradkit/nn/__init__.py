@@ -1,6 +1,15 @@
-"""Modules: gradient reversal and domain heads, binary layers."""
+"""Modules and model-level components: gradient reversal, binary and periodic layers, TrAct layers,
+gradient modulation for multimodal fusion, PGI auxiliary branches, gradient-alignment penalties."""
 from .binary import BinaryConv2d, BinaryLinear, BinaryModule, binary_modules, set_estimator_param
 from .gradient_reversal import DomainClassifier, GradientReversal, domain_loss
+from .hessian_alignment import HessianAlignment, hessian_gradient_product, hutchinson_diag, risk_variance
+from .modulation import AGM, AGMController, GradientScale, grad_scale, shapley_outputs
+from .periodic import BiPerConv2d, BiPerLinear, set_stage
+from .pgi import CBFuse, CBLinear, DeepSupervision, PGIWrapper
+from .tract import TrActConv2d, TrActLinear, tract
 
 __all__ = ["GradientReversal", "DomainClassifier", "domain_loss", "BinaryModule", "BinaryLinear", "BinaryConv2d",
-           "binary_modules", "set_estimator_param"]
+           "binary_modules", "set_estimator_param", "BiPerLinear", "BiPerConv2d", "set_stage", "TrActLinear",
+           "TrActConv2d", "tract", "AGM", "AGMController", "GradientScale", "grad_scale", "shapley_outputs",
+           "PGIWrapper", "DeepSupervision", "CBLinear", "CBFuse", "HessianAlignment", "hessian_gradient_product",
+           "hutchinson_diag", "risk_variance"]

@@ -1,4 +1,5 @@
 """Optimizers and gradient transforms that edit parameter gradients before the update."""
 from .gradient_noise import GradientNoise
+from .orthogonal import OrthogonalGradient, orthogonal_combine
 
-__all__ = ["GradientNoise"]
+__all__ = ["GradientNoise", "OrthogonalGradient", "orthogonal_combine"]

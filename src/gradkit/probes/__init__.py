@@ -1,5 +1,7 @@
 """Measurements of models and training."""
 from .binary import estimating_error, gradient_stability
 from .domain import proxy_a_distance
+from .quantization import biper_quantization_error, quantization_error
 
-__all__ = ["proxy_a_distance", "estimating_error", "gradient_stability"]
+__all__ = ["proxy_a_distance", "estimating_error", "gradient_stability", "quantization_error",
+           "biper_quantization_error"]
