@@ -1,6 +1,7 @@
 """Modules and model-level components: gradient reversal, binary and periodic layers, TrAct layers,
 gradient modulation for multimodal fusion, PGI auxiliary branches, gradient-alignment penalties,
-gradient-boosted layers, EvoNorm, LN placements."""
+gradient-boosted layers, EvoNorm, LN placements,
+reversible blocks and columns."""
 from .binary import BinaryConv2d, BinaryLinear, BinaryModule, binary_modules, set_estimator_param
 from .evonorm import EvoNormB0, EvoNormS0, replace_bn_relu
 from .gbnn import BoostedMLP, GradientBoostedMLP, switch_off_units
@@ -10,6 +11,8 @@ from .modulation import AGM, AGMController, GradientScale, grad_scale, shapley_o
 from .periodic import BiPerConv2d, BiPerLinear, set_stage
 from .peri_ln import ResidualNormBlock, TinyTransformerLM
 from .pgi import CBFuse, CBLinear, DeepSupervision, PGIWrapper
+from .revcol import RevColNet, ReversibleColumnStack
+from .reversible import ReversibleBlock, ReversibleSequential, ReversibleStep
 from .tract import TrActConv2d, TrActLinear, tract
 
 __all__ = ["GradientReversal", "DomainClassifier", "domain_loss", "BinaryModule", "BinaryLinear", "BinaryConv2d",
@@ -17,4 +20,5 @@ __all__ = ["GradientReversal", "DomainClassifier", "domain_loss", "BinaryModule"
            "TrActConv2d", "tract", "AGM", "AGMController", "GradientScale", "grad_scale", "shapley_outputs",
            "PGIWrapper", "DeepSupervision", "CBLinear", "CBFuse", "HessianAlignment", "hessian_gradient_product",
            "hutchinson_diag", "risk_variance", "GradientBoostedMLP", "BoostedMLP", "switch_off_units",
-           "EvoNormB0", "EvoNormS0", "replace_bn_relu", "ResidualNormBlock", "TinyTransformerLM"]
+           "EvoNormB0", "EvoNormS0", "replace_bn_relu", "ResidualNormBlock", "TinyTransformerLM",
+           "ReversibleBlock", "ReversibleSequential", "ReversibleStep", "ReversibleColumnStack", "RevColNet"]
