@@ -221,3 +221,11 @@ def test_at_least_k_of():
     ok, (check,) = c.evaluate(SEEDS)
     assert ok and check.detail.startswith("2/3 hold")
     assert not AtLeastKOf(3, c.criteria).evaluate(SEEDS)[0]
+
+
+def test_real_data_field_means_a_real_data_variant():
+    from gradkit.claims import CLAIMS, load_claims
+
+    load_claims()
+    for slug, c in CLAIMS.items():
+        assert not c.real_data.lower().startswith("none"), f"{slug}: leave real_data empty when there is none"

@@ -197,7 +197,7 @@ register(Claim(
     uses=("gradkit.nn.peri_ln.ResidualNormBlock", "gradkit.nn.peri_ln.TinyTransformerLM",
           "gradkit.nn.peri_ln.weight_decay_groups", "gradkit.probes.activations.ResidualStreamProbe",
           "gradkit.probes.activations.count_spikes", "gradkit.data.sequences.MarkovLanguage"),
-    real_data="none: procedural Markov sequences only (--data-root is ignored)",
+    real_data="",  # procedural Markov sequences only: --data-root is ignored
     notes=(
         "Only the variance/stability mechanism is checked: the paper's loss and benchmark gains need "
         "billions of tokens. ~85k-parameter models, 200 AdamW steps; linear weights N(0, 0.02^2) "
