@@ -5,7 +5,6 @@ import copy
 import importlib
 import itertools
 import math
-import re
 from pathlib import Path
 
 import pytest
@@ -675,14 +674,6 @@ def test_benchmarks_registered_and_run():
         assert b.slug == "agm" and b.target == 1.15
     r = BENCHMARKS.get("agm-modulation-overhead").run(1)
     assert math.isfinite(r.ratio) and r.ratio > 0
-
-
-def test_docs_examples_run():
-    text = (REPO / "docs" / "agm.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert len(blocks) >= 2
-    for block in blocks:
-        exec(compile(block, "docs/agm.md", "exec"), {})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")

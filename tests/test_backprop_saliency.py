@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import re
 import weakref
 from pathlib import Path
 
@@ -524,15 +523,6 @@ def test_benchmark_registered_and_runs():
     assert b.slug == "backprop-saliency" and b.target is None
     r = b.run(1)
     assert math.isfinite(r.ratio) and r.ratio > 0
-
-
-def test_docs_examples_run():
-    text = (REPO / "docs" / "backprop-saliency.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert blocks
-    ns: dict = {}
-    for block in blocks:
-        exec(compile(block, "docs/backprop-saliency.md", "exec"), ns)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")

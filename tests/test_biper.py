@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 import pytest
@@ -729,15 +728,6 @@ def test_benchmark_registered_and_runs():
     r = b.run(1)
     assert math.isfinite(r.ratio) and r.ratio > 0
     assert math.isfinite(r.extra["ratio_vs_plain_ste_binary_linear"])
-
-
-def test_docs_examples_run():
-    text = (REPO / "docs" / "biper.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert blocks
-    ns: dict = {}
-    for block in blocks:
-        exec(compile(block, "docs/biper.md", "exec"), ns)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 import pytest
@@ -416,9 +415,3 @@ def test_benchmark_registered_and_runs():
     assert r.baseline_s > 0 and math.isfinite(r.ratio)
 
 
-def test_docs_examples_run():
-    text = (REPO / "docs" / "gradient-noise.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert len(blocks) >= 2
-    for code in blocks:
-        exec(compile(code, "docs/gradient-noise.md", "exec"), {"__name__": "__docs__"})

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 import pytest
@@ -635,9 +634,3 @@ def test_benchmarks_registered_and_run():
     assert r.baseline_s > 0 and math.isfinite(r.ratio) and r.extra["candidate"] == "hgp"
 
 
-def test_docs_examples_run():
-    text = (REPO / "docs" / "hessian-alignment.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert len(blocks) >= 2
-    for code in blocks:
-        exec(compile(code, "docs/hessian-alignment.md", "exec"), {"__name__": "__docs__"})

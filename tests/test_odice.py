@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 from pathlib import Path
 
 import numpy as np
@@ -546,9 +545,3 @@ def test_cuda_matches_cpu():
         torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-9, atol=1e-11)
 
 
-def test_docs_examples_run():
-    page = (REPO / "docs" / "odice.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", page, re.S)
-    assert len(blocks) >= 2
-    for code in blocks:
-        exec(compile(code, "docs/odice.md", "exec"), {})

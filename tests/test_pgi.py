@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import importlib
 import math
-import re
 from pathlib import Path
 
 import pytest
@@ -598,10 +597,3 @@ def test_benchmark_registered_and_runs():
     assert math.isfinite(r.ratio) and r.ratio > 0 and r.extra["train_params"] > r.extra["main_params"]
 
 
-def test_docs_examples_run():
-    text = (REPO / "docs" / "pgi.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert blocks
-    namespace = {"__name__": "__docs__"}
-    for block in blocks:  # later blocks continue the earlier ones, as on the page
-        exec(compile(block, "docs/pgi.md", "exec"), namespace)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import re
 from pathlib import Path
 
 import pytest
@@ -512,15 +511,6 @@ def test_benchmark_registered_and_runs():
     assert b.slug == "reste" and b.target == 1.10 and b.baseline == "STE binary layer"
     r = b.run(1)
     assert math.isfinite(r.ratio) and r.ratio > 0
-
-
-def test_docs_examples_run():
-    text = (REPO / "docs" / "reste.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert blocks
-    ns: dict = {}
-    for block in blocks:
-        exec(compile(block, "docs/reste.md", "exec"), ns)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 from pathlib import Path
 
 import pytest
@@ -195,9 +194,3 @@ def test_benchmark_registers_and_runs():
     assert res.ratio > 0 and res.extra["saved_bytes_ratio"] < 0.1
 
 
-def test_docs_examples_run():
-    text = (REPO / "docs" / "revcol.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert blocks
-    for block in blocks:
-        exec(compile(block, "docs/revcol.md", "exec"), {"__name__": "docs_revcol"})

@@ -1,0 +1,28 @@
+"""Every ```python block of the README and of the docs pages runs (blocks of a page share a namespace)."""
+import re
+
+import pytest
+
+from conftest import REPO
+
+PAGES = [REPO / "README.md"] + sorted((REPO / "docs").glob("*.md"))
+BLOCK = re.compile(r"```python\n(.*?)```", re.S)
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if BLOCK.search(p.read_text())],
+                         ids=lambda p: p.relative_to(REPO).as_posix())
+def test_page_examples_run(page, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # examples that write files write them here
+    namespace: dict = {}
+    for code in BLOCK.findall(page.read_text()):
+        exec(compile(code, page.relative_to(REPO).as_posix(), "exec"), namespace)
+
+
+def test_every_paper_page_has_an_example():
+    from gradkit.claims import CLAIMS, load_claims
+
+    load_claims()
+    for slug in CLAIMS.names():
+        page = REPO / "docs" / f"{slug}.md"
+        assert page.exists(), f"no docs page for {slug}"
+        assert BLOCK.search(page.read_text()), f"docs/{slug}.md has no runnable python example"
