@@ -1,4 +1,5 @@
 """Stateless autograd Functions and their function forms: what changes a tensor's backward."""
+from .compressed import ActQuantizer, q_gelu, q_layer_norm, q_linear, q_matmul, q_softmax
 from .noise import add_gradient_noise
 from .periodic import ApproxSign, BiPerSign, NormApproxSign, approx_sign, biper_binarize, norm_approx_sign
 from .reversal import GradReverse, grad_reverse
@@ -10,4 +11,4 @@ __all__ = ["GradReverse", "grad_reverse", "add_gradient_noise", "ReSTESign", "ST
            "binarize_sign", "power_surrogate", "reste_derivative", "ste_derivative", "ESTIMATORS",
            "register_estimator", "get_estimator", "BiPerSign", "ApproxSign", "NormApproxSign", "biper_binarize",
            "approx_sign", "norm_approx_sign", "TrActLinearFn", "TrActConv2dFn", "tract_linear", "tract_conv2d",
-           "tract_weight_grad"]
+           "tract_weight_grad", "ActQuantizer", "q_linear", "q_gelu", "q_softmax", "q_matmul", "q_layer_norm"]
