@@ -12,6 +12,7 @@ from .modulation import AGM, AGMController, GradientScale, grad_scale, shapley_o
 from .periodic import BiPerConv2d, BiPerLinear, set_stage
 from .peri_ln import ResidualNormBlock, TinyTransformerLM
 from .pgi import CBFuse, CBLinear, DeepSupervision, PGIWrapper
+from .rev_mbconv import MBConv3d, RevMBConv3d, RevMBConvUNet3d
 from .revcol import RevColNet, ReversibleColumnStack
 from .reversible import ReversibleBlock, ReversibleSequential, ReversibleStep
 from .tract import TrActConv2d, TrActLinear, tract
@@ -23,4 +24,5 @@ __all__ = ["GradientReversal", "DomainClassifier", "domain_loss", "BinaryModule"
            "hutchinson_diag", "risk_variance", "GradientBoostedMLP", "BoostedMLP", "switch_off_units",
            "EvoNormB0", "EvoNormS0", "replace_bn_relu", "ResidualNormBlock", "TinyTransformerLM",
            "ReversibleBlock", "ReversibleSequential", "ReversibleStep", "ReversibleColumnStack", "RevColNet",
-           "MesaLinear", "MesaAttention", "mesa_convert", "set_mesa_enabled"]
+           "MesaLinear", "MesaAttention", "mesa_convert", "set_mesa_enabled",
+           "MBConv3d", "RevMBConv3d", "RevMBConvUNet3d"]
