@@ -25,7 +25,8 @@ def _wait_for(cond, limit=120.0):
 
 
 def run_pass(ctx):
-    return RunOutput(metrics=_metrics(ctx.seed, 5.0), data="fake", curves={"acc": {"ours": [1, 2, 3], "base": [1, 1, 2]}})
+    return RunOutput(metrics=_metrics(ctx.seed, 5.0), data="fake", curves={"acc": {"ours": [1, 2, 3], "base": [1, 1, 2]}},
+                     info={"curve_axes": {"acc": {"xlabel": "width", "x": [8, 16, 32]}}})
 
 
 def run_fail(ctx):

@@ -55,18 +55,20 @@ def _plot(summary: Summary, curve: str, path: Path) -> bool:
                 per_arm.setdefault(arm, []).append([float(y) for y in ys])
     if not per_arm:
         return False
+    axes = (summary.runs[0].info.get("curve_axes") or {}).get(curve, {})
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
     for arm, seqs in sorted(per_arm.items()):
         n = min(len(s) for s in seqs)
         a = np.array([s[:n] for s in seqs], dtype=float)
         mu = np.nanmean(a, 0)
-        x = np.arange(1, n + 1)
+        given = axes.get("x")
+        x = np.asarray(given[:n], dtype=float) if given is not None and len(given) >= n else np.arange(1, n + 1)
         lw = 2.2 if arm == summary.claim.primary.ours else 1.4
         ax.plot(x, mu, label=arm, lw=lw)
         if len(seqs) > 1:
             sd = np.nanstd(a, 0)
             ax.fill_between(x, mu - sd, mu + sd, alpha=0.18)
-    ax.set_xlabel("epoch")
+    ax.set_xlabel(axes.get("xlabel", "epoch"))
     ax.set_ylabel(curve)
     ax.set_title(f"{summary.claim.slug} — {curve} ({summary.scale}, {summary.data}, {len(summary.runs)} seeds)",
                  fontsize=9)

@@ -46,7 +46,8 @@ class RunOutput:
     data: name of the data set actually used (e.g. ``"moons"``, ``"mnist->mnist-m"``);
         it selects the criterion (``Claim.data_criteria``) and is stored with the run.
     curves: ``{curve_name: {arm: [values per epoch/step]}}`` for the report's plots.
-    info: free-form extra facts worth storing (settings, counts).
+    info: free-form extra facts worth storing (settings, counts). ``info["curve_axes"][curve_name] =
+        {"xlabel": ..., "x": [...]}`` gives a plot its x values and label (default: epochs 1..n).
     """
 
     metrics: dict[str, dict[str, float]]

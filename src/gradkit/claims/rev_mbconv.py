@@ -191,7 +191,8 @@ def _run(ctx: RunContext) -> RunOutput:
                            "saved_bytes": mem, "budget_bytes": budget, "fit_side": fit_side,
                            "fit_bytes": fit_bytes, "background_dice": background, "train_blocks": train_blocks,
                            "train_steps": epochs * ((n_train + 1) // 2), "train_side": side,
-                           "train_seconds": times, "curve_x_saved_mib": "blocks_per_level"})
+                           "train_seconds": times,
+                           "curve_axes": {"saved_mib": {"xlabel": "blocks per level", "x": list(sweep)}}})
 
 
 def _criterion():

@@ -167,7 +167,8 @@ def _run(ctx: RunContext) -> RunOutput:
                      info={"columns_sweep": list(cols_sweep), "image_side": side, "stem": stem,
                            "saved_bytes": mem, "column_output_bytes": out_bytes,
                            "exactness_columns": n_exact, "reconstruction_columns": hi, "epochs": epochs,
-                           "train_seconds": times, "curve_x_saved_mib": "num_columns"})
+                           "train_seconds": times,
+                           "curve_axes": {"saved_mib": {"xlabel": "columns", "x": list(cols_sweep)}}})
 
 
 def _criterion():
