@@ -238,6 +238,9 @@ def cmd_bench(args) -> int:
             print(f"{b.name:<28} {r.ratio:6.3f}x  (target {tgt}, {verdict})  "
                   f"{b.baseline}: {r.baseline_s * 1e3:.3f} ms, ours: {r.candidate_s * 1e3:.3f} ms  [{b.slug}]",
                   flush=True)
+            if r.extra:  # e.g. saved-bytes ratios and the settings measured
+                print("    " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                         for k, v in r.extra.items()), flush=True)
     if args.json:
         print(json.dumps([{"name": o.name, "slug": o.slug, "ratio": o.ratio, "target": o.target,
                            "passed": o.passed, "baseline_ms": o.baseline_s * 1e3, "ours_ms": o.candidate_s * 1e3,
