@@ -164,3 +164,14 @@ def test_report_from_database(tmp_path):
 def test_python_dash_m_and_version(tmp_path):
     r = gk("--version", db=tmp_path / "r.db")
     assert r.returncode == 0 and "gradkit" in r.stdout
+
+
+def test_bench_runs_stores_and_reports(tmp_path):
+    db = tmp_path / "r.db"
+    r = gk("bench", "dann-grl-step", "--repeats", "3", "--json", db=db)
+    assert r.returncode in (0, 1), r.stderr  # 1 only if the measured ratio misses its target
+    (b,) = json.loads(r.stdout)
+    assert b["name"] == "dann-grl-step" and b["ratio"] > 0 and b["target"] == 1.05
+    assert rows(db, "SELECT name, repeats FROM bench") == [("dann-grl-step", 3)]
+    r = gk("bench", "dann-grl-step", "--repeats", "1", db=db)
+    assert r.returncode == 2 and "--repeats must be >= 3" in r.stderr
