@@ -44,6 +44,28 @@ class Benchmark:
 BENCHMARKS: Registry[Benchmark] = Registry("benchmark")
 
 
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+               y: torch.Tensor) -> Callable[[], None]:
+    """A step function for :func:`compare_steps`: cross-entropy forward, backward, optimizer step."""
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    return step
+
+
+def forward_saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Bytes autograd saves for backward during one forward of ``model`` on ``x``."""
+    from .testing import SavedBytesMeter
+
+    with SavedBytesMeter() as meter:
+        out = model(x)
+    del out
+    return meter.bytes
+
+
 def register_benchmark(b: Benchmark) -> Benchmark:
     return BENCHMARKS.add(b.name, b)
 

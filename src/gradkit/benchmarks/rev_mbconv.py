@@ -11,20 +11,11 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 
-from ..bench import Benchmark, BenchResult, compare_steps, register_benchmark
+from ..bench import Benchmark, BenchResult, compare_steps, forward_saved_bytes, register_benchmark, train_step
 from ..nn.rev_mbconv import RevMBConvUNet3d
-from ..testing import SavedBytesMeter
 
 BATCH, SIDE, BLOCKS = 2, 16, 2
-
-
-def _saved(model, x) -> int:
-    with SavedBytesMeter() as m:
-        out = model(x)
-    del out
-    return m.bytes
 
 
 def run(repeats: int = 20) -> BenchResult:
@@ -37,16 +28,9 @@ def run(repeats: int = 20) -> BenchResult:
     y = torch.randint(3, (BATCH, SIDE, SIDE, SIDE), generator=gen)
     opt_t = torch.optim.Adam(twin.parameters(), lr=1e-3)
     opt_r = torch.optim.Adam(rev.parameters(), lr=1e-3)
-
-    def step(model, opt):
-        def f() -> None:
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-        return f
-
-    bytes_t, bytes_r = _saved(twin, x), _saved(rev, x)
-    res = compare_steps(step(twin, opt_t), step(rev, opt_r), repeats=repeats, warmup=2)
+    bytes_t, bytes_r = forward_saved_bytes(twin, x), forward_saved_bytes(rev, x)
+    res = compare_steps(train_step(twin, opt_t, x, y), train_step(rev, opt_r, x, y),
+                        repeats=repeats, warmup=2)
     return BenchResult(res.baseline_s, res.candidate_s, extra={
         "model": f"3D U-Net 3 levels, width 16, {BLOCKS} RevMBConv3d blocks/level, {SIDE}^3, batch {BATCH}",
         "saved_bytes_twin": bytes_t, "saved_bytes_rev_mbconv": bytes_r,

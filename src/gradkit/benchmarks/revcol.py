@@ -12,20 +12,11 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 
-from ..bench import Benchmark, BenchResult, compare_steps, register_benchmark
+from ..bench import Benchmark, BenchResult, compare_steps, forward_saved_bytes, register_benchmark, train_step
 from ..nn.revcol import RevColNet
-from ..testing import SavedBytesMeter
 
 COLUMNS, BATCH, SIDE = 8, 64, 16
-
-
-def _saved(model, x) -> int:
-    with SavedBytesMeter() as m:
-        out = model(x)
-    del out
-    return m.bytes
 
 
 def run(repeats: int = 30) -> BenchResult:
@@ -39,16 +30,9 @@ def run(repeats: int = 30) -> BenchResult:
     y = torch.randint(10, (BATCH,), generator=gen)
     opt_t = torch.optim.AdamW(twin.parameters(), lr=1e-3)
     opt_r = torch.optim.AdamW(rev.parameters(), lr=1e-3)
-
-    def step(model, opt):
-        def f() -> None:
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-        return f
-
-    bytes_t, bytes_r = _saved(twin, x), _saved(rev, x)
-    res = compare_steps(step(twin, opt_t), step(rev, opt_r), repeats=repeats, warmup=3)
+    bytes_t, bytes_r = forward_saved_bytes(twin, x), forward_saved_bytes(rev, x)
+    res = compare_steps(train_step(twin, opt_t, x, y), train_step(rev, opt_r, x, y),
+                        repeats=repeats, warmup=3)
     return BenchResult(res.baseline_s, res.candidate_s, extra={
         "model": f"RevCol 8-16-32-64, blocks 1-1-1-1, {COLUMNS} columns, {SIDE}x{SIDE}, batch {BATCH}",
         "saved_bytes_twin": bytes_t, "saved_bytes_revcol": bytes_r,
