@@ -229,3 +229,12 @@ def test_real_data_field_means_a_real_data_variant():
     load_claims()
     for slug, c in CLAIMS.items():
         assert not c.real_data.lower().startswith("none"), f"{slug}: leave real_data empty when there is none"
+
+
+def test_run_arms_collects_metrics_curves_and_seconds():
+    from gradkit.claims.base import run_arms
+
+    metrics, curves, seconds = run_arms(("a", "b"), lambda arm: ({"acc": len(arm)}, {"loss": [1.0, 0.5]}))
+    assert metrics == {"a": {"acc": 1}, "b": {"acc": 1}}
+    assert curves == {"loss": {"a": [1.0, 0.5], "b": [1.0, 0.5]}}
+    assert set(seconds) == {"a", "b"} and all(s >= 0 for s in seconds.values())

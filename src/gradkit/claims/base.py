@@ -1,6 +1,7 @@
 """The claim: one paper's headline experiment, our method and its baseline(s) in one run."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -94,6 +95,25 @@ class Claim:
 
     def criterion_for(self, data: str) -> Criterion:
         return self.data_criteria.get(data, self.criterion)
+
+
+def run_arms(arms, train_arm):
+    """Train each arm with ``train_arm(arm) -> (metrics, curves)``; collect them and the seconds per arm.
+
+    Returns ``(metrics, curves, seconds)`` shaped as :class:`RunOutput` wants them: ``{arm: metrics}``,
+    ``{curve: {arm: series}}`` and ``{arm: wall seconds}``.
+    """
+    metrics: dict[str, dict[str, float]] = {}
+    curves: dict[str, dict[str, list[float]]] = {}
+    seconds: dict[str, float] = {}
+    for arm in arms:
+        t0 = time.perf_counter()
+        m, c = train_arm(arm)
+        seconds[arm] = round(time.perf_counter() - t0, 3)
+        metrics[arm] = m
+        for name, series in c.items():
+            curves.setdefault(name, {})[arm] = series
+    return metrics, curves, seconds
 
 
 CLAIMS: Registry[Claim] = Registry("claim")

@@ -19,7 +19,6 @@ all 10,000), 784 inputs.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -32,7 +31,7 @@ from ..nn.binary import set_estimator_param
 from ..nn.periodic import BiPerLinear, set_stage
 from ..probes.quantization import QE_UNIFORM, biper_quantization_error
 from ..schedules.reste import reste_power
-from .base import Claim, Primary, RunContext, RunOutput, register
+from .base import Claim, Primary, RunContext, RunOutput, register, run_arms
 from .criteria import AllOf, Below, Drop, Monotonic
 
 SLUG = "biper"
@@ -167,17 +166,8 @@ def run(ctx: RunContext) -> RunOutput:
         split = load_digits_split()
         stage_epochs = ctx.pick(smoke=2, quick=20, full=50)
     split = split.to(ctx.device)
-    metrics: dict[str, dict[str, float]] = {}
-    curves: dict[str, dict[str, list[float]]] = {}
-    seconds: dict[str, float] = {}
     with cpu_threads(1, ctx.device):
-        for arm in ARMS:
-            t0 = time.perf_counter()
-            m, c = _train_arm(arm, split, stage_epochs, ctx)
-            seconds[arm] = round(time.perf_counter() - t0, 3)
-            metrics[arm] = m
-            for name, s in c.items():
-                curves.setdefault(name, {})[arm] = s
+        metrics, curves, seconds = run_arms(ARMS, lambda arm: _train_arm(arm, split, stage_epochs, ctx))
     ours = metrics[OURS]["test_acc"]
     info = {
         "stage_epochs": stage_epochs, "baseline_epochs": 2 * stage_epochs, "n_train": len(split.y_train),

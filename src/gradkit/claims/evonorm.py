@@ -18,7 +18,6 @@ SGD momentum 0.9, weight decay 5e-4.
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -30,7 +29,7 @@ from torch import nn
 from ..data import DataError, Split, TensorBatches, load_digits_split
 from ..engine import accuracy, cpu_threads, fit, seed_everything
 from ..nn.evonorm import replace_bn_relu
-from .base import Claim, Primary, RunContext, RunOutput, register
+from .base import Claim, Primary, RunContext, RunOutput, register, run_arms
 from .criteria import AllOf, Drop, Gain
 
 SLUG = "evonorm"
@@ -199,13 +198,11 @@ def _run(ctx: RunContext) -> RunOutput:
     curves: dict[str, dict[str, list[float]]] = {}
     seconds: dict[str, float] = {}
     for arms, batch, epochs, lr, warm_frac in regimes:
-        for arm in arms:
-            t0 = time.perf_counter()
-            m, c = _train_arm(arm, split, batch, epochs, lr, warm_frac, ctx)
-            seconds[arm] = round(time.perf_counter() - t0, 3)
-            metrics[arm] = m
-            for name, series in c.items():
-                curves.setdefault(name, {})[arm] = series
+        m, c, s = run_arms(arms, lambda arm: _train_arm(arm, split, batch, epochs, lr, warm_frac, ctx))
+        metrics.update(m)
+        seconds.update(s)
+        for name, per_arm in c.items():
+            curves.setdefault(name, {}).update(per_arm)
     info = {"n_train": len(split.y_train), "n_test": len(split.y_test), "widths": WIDTHS, "groups": GROUPS,
             "regimes": [{"arms": list(a), "batch": b, "epochs": e, "lr": lr,
                          "schedule": "constant then cosine" if wf else "cosine", "constant_frac": wf}

@@ -18,7 +18,6 @@ last main stages (mean over steps).
 """
 from __future__ import annotations
 
-import time
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..data import Split, TensorBatches, load_mnist1d
 from ..engine import accuracy, cpu_threads, fit, seed_everything
 from ..nn.pgi import DeepSupervision, PGIWrapper, conv_stages, make_aux_copy, pool_head
-from .base import Claim, Primary, RunContext, RunOutput, register
+from .base import Claim, Primary, RunContext, RunOutput, register, run_arms
 from .criteria import AllOf, AtMost, Gain
 
 SLUG = "pgi"
@@ -173,17 +172,8 @@ def run(ctx: RunContext) -> RunOutput:
     n_samples = ctx.pick(smoke=5000, quick=5000, full=10000)  # 80/20 train/test split of mnist1d
     epochs = ctx.pick(smoke=2, quick=40, full=60)
     split = load_data(n_samples).to(ctx.device)
-    metrics: dict[str, dict[str, float]] = {}
-    curves: dict[str, dict[str, list[float]]] = {}
-    seconds: dict[str, float] = {}
     with cpu_threads(1, ctx.device):
-        for arm in ARMS:
-            t0 = time.perf_counter()
-            m, c = _train_arm(arm, split, epochs, ctx)
-            seconds[arm] = round(time.perf_counter() - t0, 3)
-            metrics[arm] = m
-            for name, series in c.items():
-                curves.setdefault(name, {})[arm] = series
+        metrics, curves, seconds = run_arms(ARMS, lambda arm: _train_arm(arm, split, epochs, ctx))
     info = {"epochs": epochs, "n_train": len(split.y_train), "n_test": len(split.y_test),
             "main": f"{DEPTH} x Conv1d(k=3, {WIDTH} ch)-BN-ReLU, stride 2 at 0-based {list(DOWNSAMPLE_AT)}, GAP+linear",
             "routes": {str(j): ks for j, ks in ROUTES.items()}, "deep_sup_heads_at": list(DS_HEADS_AT),

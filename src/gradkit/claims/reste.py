@@ -10,7 +10,6 @@ and averaged per epoch; the claim uses its mean over the last 10 epochs.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ from ..engine import accuracy, configure_cpu, fit, seed_everything
 from ..nn.binary import BinaryLinear, set_estimator_param
 from ..probes.binary import estimating_error, gradient_stability
 from ..schedules.reste import reste_power
-from .base import Claim, Primary, RunContext, RunOutput, register
+from .base import Claim, Primary, RunContext, RunOutput, register, run_arms
 from .criteria import AllOf, Drop, Monotonic
 
 SLUG = "reste"
@@ -101,16 +100,7 @@ def run(ctx: RunContext) -> RunOutput:
         split = load_digits_split()
         epochs = ctx.pick(smoke=3, quick=40, full=100)
     split = split.to(ctx.device)
-    metrics: dict[str, dict[str, float]] = {}
-    curves: dict[str, dict[str, list[float]]] = {}
-    seconds: dict[str, float] = {}
-    for arm in ARMS:
-        t0 = time.perf_counter()
-        m, c = _train_arm(arm, split, epochs, ctx)
-        seconds[arm] = round(time.perf_counter() - t0, 3)
-        metrics[arm] = m
-        for name, series in c.items():
-            curves.setdefault(name, {})[arm] = series
+    metrics, curves, seconds = run_arms(ARMS, lambda arm: _train_arm(arm, split, epochs, ctx))
     info = {"epochs": epochs, "n_train": len(split.y_train), "n_test": len(split.y_test), "hidden": HIDDEN,
             "optimizer": "SGD(lr=0.1, momentum=0.9, wd=1e-4), cosine", "batch_size": 128,
             "reste": {"t": 1.5, "interval": 0.1, "schedule": "o = 1 + (o_end-1)(1 - cos(pi/2 e/E))"},
