@@ -1,0 +1,1 @@
+"""Gradient communication across workers: compression (DGC), gradient coding, federated learning glue."""
