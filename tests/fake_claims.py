@@ -26,7 +26,9 @@ def _wait_for(cond, limit=120.0):
 
 def run_pass(ctx):
     return RunOutput(metrics=_metrics(ctx.seed, 5.0), data="fake", curves={"acc": {"ours": [1, 2, 3], "base": [1, 1, 2]}},
-                     info={"curve_axes": {"acc": {"xlabel": "width", "x": [8, 16, 32]}}})
+                     info={"curve_axes": {"acc": {"xlabel": "width", "x": [8, 16, 32]}},
+                           "images": {"recon": {"original": [[[0.0, 1.0], [1.0, 0.0]]] * 3,
+                                                "ours": [[[0.1, 0.9], [0.8, 0.2]]] * 2}}})
 
 
 def run_fail(ctx):

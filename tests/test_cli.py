@@ -159,6 +159,9 @@ def test_report_from_database(tmp_path):
     assert (out / "report.html").exists()
     png = out / "plots" / "fake-pass-quick-bundled-acc.png"
     assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
+    grid = out / "plots" / "fake-pass-quick-bundled-recon.png"  # info["images"] becomes an image grid
+    assert grid.exists() and grid.read_bytes()[:4] == b"\x89PNG"
+    assert "fake-pass-quick-bundled-recon.png" in md
 
 
 def test_python_dash_m_and_version(tmp_path):

@@ -2,8 +2,8 @@
 
 ``write_report(store, out_dir)`` writes ``report.md``, ``report.html`` and ``plots/*.png``: one table
 row per claim, scale and data mode (paper figure, ours and baseline as mean ± std over the stored
-seeds, verdict, seeds, runtime), the checks behind each verdict, a plot per declared curve, and
-the latest benchmark ratios.
+seeds, verdict, seeds, runtime), the checks behind each verdict, a plot per declared curve, image
+grids a claim stored (``info["images"]``: reconstructions, saliency maps), and the latest benchmark ratios.
 """
 from __future__ import annotations
 
@@ -81,6 +81,46 @@ def _plot(summary: Summary, curve: str, path: Path) -> bool:
     return True
 
 
+def _grid(summary: Summary, name: str, rows: dict, path: Path, seed: int) -> bool:
+    """One PNG grid: a row per entry of ``rows`` ({row name: (K, H, W) or (K, H, W, 3) values in [0, 1]})."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    arrays = {}
+    for row, imgs in rows.items():
+        a = np.asarray(imgs, dtype=float)
+        if a.ndim == 2:
+            a = a[None]
+        if a.ndim not in (3, 4) or a.size == 0:
+            return False
+        arrays[row] = np.clip(np.nan_to_num(a), 0.0, 1.0)
+    if not arrays:
+        return False
+    k = max(a.shape[0] for a in arrays.values())
+    fig, axs = plt.subplots(len(arrays), k, figsize=(1.3 * k + 1.2, 1.3 * len(arrays) + 0.4), dpi=110,
+                            squeeze=False)
+    for i, (row, a) in enumerate(arrays.items()):
+        for j in range(k):
+            ax = axs[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j < a.shape[0]:
+                ax.imshow(a[j], cmap="gray" if a.ndim == 3 else None, vmin=0.0, vmax=1.0, interpolation="nearest")
+            else:
+                ax.axis("off")
+            if j == 0:
+                ax.set_ylabel(row, fontsize=8)
+    fig.suptitle(f"{summary.claim.slug} — {name} ({summary.scale}, {summary.data}, seed {seed})", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
 def _md_escape(s: str) -> str:
     return s.replace("|", "\\|").replace("\n", " ")
 
@@ -111,6 +151,11 @@ def write_report(store: ResultStore, out_dir: Path, scales: Sequence[str] | None
             rel = Path("plots") / f"{s.claim.slug}-{s.scale}-{s.data_mode}-{curve}.png"
             if _plot(s, curve, out_dir / rel):
                 plots.setdefault(i, []).append((curve, rel))
+        first = min(s.runs, key=lambda r: r.seed) if s.runs else None
+        for name, grid_rows in ((first.info.get("images") or {}) if first else {}).items():
+            rel = Path("plots") / f"{s.claim.slug}-{s.scale}-{s.data_mode}-{name}.png"
+            if isinstance(grid_rows, dict) and _grid(s, name, grid_rows, out_dir / rel, first.seed):
+                plots.setdefault(i, []).append((name, rel))
 
     md = ["# gradkit reproduction report", "", f"Generated {now} from `{store.path.name}`: "
           f"{len(summaries)} claim result(s), {sum(r[7] == 'PASS' for r in rows)} passing.", "",
