@@ -1,1 +1,15 @@
 """Gradient communication across workers: compression (DGC), gradient coding, federated learning glue."""
+from .coded_run import CodedRunResult, coded_gradient_descent
+from .gradient_coding import (SCHEMES, CodingError, DecodeError, GCScheme, GradientCode, MSGCScheme, SRSGCScheme, Task,
+                              compute_task, cyclic_repetition_code, fractional_repetition_code, make_scheme, partition)
+from .launch import WorkerError, run_workers
+from .stragglers import (BurstyStragglerModel, GridResult, PerRoundStragglerModel, SimulationResult,
+                         gilbert_elliott_delays, grid_search, iid_delays, markov_straggler_states, pattern_delays,
+                         round_outcome, sample_admissible_pattern, simulate_runtime)
+
+__all__ = ["run_workers", "WorkerError",
+           "GradientCode", "fractional_repetition_code", "cyclic_repetition_code", "GCScheme", "SRSGCScheme",
+           "MSGCScheme", "make_scheme", "SCHEMES", "Task", "compute_task", "partition", "CodingError", "DecodeError",
+           "PerRoundStragglerModel", "BurstyStragglerModel", "markov_straggler_states", "gilbert_elliott_delays",
+           "iid_delays", "pattern_delays", "sample_admissible_pattern", "round_outcome", "simulate_runtime",
+           "grid_search", "SimulationResult", "GridResult", "coded_gradient_descent", "CodedRunResult"]
