@@ -288,7 +288,7 @@ class GradientInversion:
             best_x, snaps = x0.detach().clone(), {k: s.snapshot() for k, s in spaces.items()}
             it = 0
             for it in range(p.iters + 1):  # the last pass only scores the final iterate
-                x = space.render()
+                x = x0 if it == 0 else space.render()
                 match = self.matching_loss(x, labels, target)
                 m = float(match.detach())
                 if not math.isfinite(m):
