@@ -161,6 +161,9 @@ class PixelSpace(SearchSpace):
     def render(self) -> Tensor:
         return self.x
 
+    def snapshot(self) -> dict[str, Tensor]:
+        return {"x": self.x.detach().clone()}
+
     def project(self) -> None:
         if self.clamp is not None:
             self.x.clamp_(*self.clamp)
@@ -188,6 +191,9 @@ class LatentSpace(SearchSpace):
     def render(self) -> Tensor:
         x = self.decode(self.z)
         return x.clamp(*self.clamp) if self.clamp is not None else x
+
+    def snapshot(self) -> dict[str, Tensor]:
+        return {"z": self.z.detach().clone()}
 
     def project(self) -> None:
         if self.spherical:
