@@ -1,13 +1,19 @@
 """Gradient communication across workers: compression (DGC), gradient coding, federated learning glue."""
 from .coded_run import CodedRunResult, coded_gradient_descent
+from .dgc import DGCCompressor, SparseGrad, decode_block16, encode_block16, select_topk, warmup_density
+from .dgc_hook import DGCHookError, DGCHookState, dgc_comm_hook
 from .gradient_coding import (SCHEMES, CodingError, DecodeError, GCScheme, GradientCode, MSGCScheme, SRSGCScheme, Task,
                               compute_task, cyclic_repetition_code, fractional_repetition_code, make_scheme, partition)
 from .launch import WorkerError, run_workers
+from .simulate import Aggregator, CompressorAggregator, DataParallelSimulator, MeanAggregator, shard
 from .stragglers import (BurstyStragglerModel, GridResult, PerRoundStragglerModel, SimulationResult,
                          gilbert_elliott_delays, grid_search, iid_delays, markov_straggler_states, pattern_delays,
                          round_outcome, sample_admissible_pattern, simulate_runtime)
 
 __all__ = ["run_workers", "WorkerError",
+           "DGCCompressor", "SparseGrad", "warmup_density", "select_topk", "encode_block16", "decode_block16",
+           "DGCHookState", "dgc_comm_hook", "DGCHookError", "DataParallelSimulator", "Aggregator", "MeanAggregator",
+           "CompressorAggregator", "shard",
            "GradientCode", "fractional_repetition_code", "cyclic_repetition_code", "GCScheme", "SRSGCScheme",
            "MSGCScheme", "make_scheme", "SCHEMES", "Task", "compute_task", "partition", "CodingError", "DecodeError",
            "PerRoundStragglerModel", "BurstyStragglerModel", "markov_straggler_states", "gilbert_elliott_delays",
