@@ -79,6 +79,39 @@ def load_digits_split(test_size: int = 360, split_seed: int = 0) -> Split:
     )
 
 
+@functools.lru_cache(maxsize=1)
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    path = cache_dir() / "digits-images-v1.npz"
+    try:
+        with np.load(path) as f:
+            return f["x"], f["y"]
+    except (OSError, KeyError, ValueError):
+        pass
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x, y = (d.images / 16.0).astype(np.float32)[:, None], d.target.astype(np.int64)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npz")
+        np.savez(tmp, x=x, y=y)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only costs speed
+    return x, y
+
+
+def digits_images() -> tuple[torch.Tensor, torch.Tensor]:
+    """All 1,797 scikit-learn digits as images (N, 1, 8, 8) float32 in [0, 1] (pixel / 16) and int64 labels.
+
+    For work that needs a known pixel range (reconstruction PSNR, masking). Cached on disk, so a fresh
+    process (a federated client) does not import scikit-learn. Order = scikit-learn's; the fixed split of
+    :func:`load_digits_split` is ``np.random.RandomState(0).permutation(1797)`` (first 360 = test).
+    """
+    x, y = _digits_arrays()
+    return torch.from_numpy(x.copy()), torch.from_numpy(y.copy())
+
+
 def load_mnist1d(num_samples: int = 5000, seed: int = 42, cache: bool = True) -> Split:
     """MNIST-1D (40-sample 1-D signals, 10 classes) generated offline and cached.
 
