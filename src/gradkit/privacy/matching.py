@@ -78,8 +78,9 @@ def gradient_distance(grads: Sequence[Tensor], target: Sequence[Tensor], cost: s
     if cost == "l2":
         return sum(((g - t) ** 2).sum() for g, t in zip(grads, target))
     dot = sum((g * t).sum() for g, t in zip(grads, target))
-    gn = sum((g * g).sum() for g in grads).sqrt()
-    tn = sum((t * t).sum() for t in target).sqrt()
+    # clamped before the root: an all-zero candidate gradient (dead ReLUs) must not give a NaN derivative
+    gn = sum((g * g).sum() for g in grads).clamp_min(1e-30).sqrt()
+    tn = sum((t * t).sum() for t in target).clamp_min(1e-30).sqrt()
     return 1 - dot / (gn * tn + 1e-8)
 
 
