@@ -48,11 +48,10 @@ def _tag(p: float) -> str:
 def _images(data_root) -> tuple[torch.Tensor, torch.Tensor, str]:
     """All candidate victim images (N, 1, H, W) in [0, 1], their labels and the data set's name."""
     if data_root is None:
-        from sklearn.datasets import load_digits
+        from ..data import digits_images
 
-        d = load_digits()
-        x = torch.tensor(d.images / 16.0, dtype=torch.float32)[:, None]
-        return x, torch.tensor(d.target, dtype=torch.int64), "digits"
+        x, y = digits_images()
+        return x, y, "digits"
     root = Path(data_root)
     if not root.is_dir():
         raise DataError(f"--data-root {str(root)!r} is not a folder (expected one holding mnist/)")

@@ -65,13 +65,11 @@ class VictimCNN(nn.Module):
 @functools.lru_cache(maxsize=2)
 def _digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """scikit-learn digits in [0, 1] as (N, 1, 8, 8) with the same fixed 1437/360 split as load_digits_split."""
-    from sklearn.datasets import load_digits
+    from ..data import digits_images
 
-    d = load_digits()
-    perm = np.random.RandomState(0).permutation(len(d.target))
+    x, y = digits_images()
+    perm = np.random.RandomState(0).permutation(len(y))
     te, tr = perm[:360], perm[360:]
-    x = torch.tensor(d.images / 16.0, dtype=torch.float32)[:, None]
-    y = torch.tensor(d.target, dtype=torch.int64)
     return x[tr], y[tr], x[te], y[te]
 
 

@@ -122,10 +122,10 @@ def block_digits(seed: int = 0, digits=(0, 1), test_fraction: float = 0.3):
     >>> split.x_train.shape[1:]
     torch.Size([1, 16, 8])
     """
-    from sklearn.datasets import load_digits
+    from .bundled import digits_images
 
-    d = load_digits()
-    imgs, labels = _two_class((d.images / 16.0).astype(np.float32), d.target, digits)
+    x, y = digits_images()
+    imgs, labels = _two_class(x[:, 0].numpy(), y.numpy(), digits)
     perm = np.random.RandomState(0).permutation(len(labels))
     n_te = int(round(len(labels) * float(test_fraction)))
     te, tr = perm[:n_te], perm[n_te:]

@@ -1,12 +1,13 @@
 """Modules and model-level components: gradient reversal, binary and periodic layers, TrAct layers,
 gradient modulation for multimodal fusion, PGI auxiliary branches, gradient-alignment penalties,
 gradient-boosted layers, EvoNorm, LN placements,
-reversible blocks and columns, 8-bit saved activations (Mesa), replayable dropout masks."""
+reversible blocks and columns, 8-bit saved activations (Mesa), replayable dropout masks, hypernetworks."""
 from .binary import BinaryConv2d, BinaryLinear, BinaryModule, binary_modules, set_estimator_param
 from .evonorm import EvoNormB0, EvoNormS0, replace_bn_relu
 from .gbnn import BoostedMLP, GradientBoostedMLP, switch_off_units
 from .gradient_reversal import DomainClassifier, GradientReversal, domain_loss
 from .hessian_alignment import HessianAlignment, hessian_gradient_product, hutchinson_diag, risk_variance
+from .hypernetwork import HyperClient, HyperNetwork
 from .maskable_dropout import DropoutMLP, MaskableDropout, convert_dropout, dropout_mode
 from .mesa import MesaAttention, MesaLinear, mesa_convert, set_mesa_enabled
 from .modulation import AGM, AGMController, GradientScale, grad_scale, shapley_outputs
@@ -27,4 +28,4 @@ __all__ = ["GradientReversal", "DomainClassifier", "domain_loss", "BinaryModule"
            "ReversibleBlock", "ReversibleSequential", "ReversibleStep", "ReversibleColumnStack", "RevColNet",
            "MesaLinear", "MesaAttention", "mesa_convert", "set_mesa_enabled",
            "MBConv3d", "RevMBConv3d", "RevMBConvUNet3d", "MaskableDropout", "DropoutMLP", "convert_dropout",
-           "dropout_mode"]
+           "dropout_mode", "HyperNetwork", "HyperClient"]
