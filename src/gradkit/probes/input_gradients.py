@@ -22,14 +22,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._validate import real_scalar
-from .saliency import _batch_size, _inputs, _scores, _targets
+from .saliency import Saliency, _inputs
 
 OUTPUTS = ("loss", "logit")
 KEEP = ("top", "bottom")
 
 
 # ------------------------------------------------------------------------------------ attribution
-class InputGradient:
+class InputGradient(Saliency):
     """Loss or logit input gradient, captum-shaped: ``.attribute(inputs, target=classes)`` (input-gradients).
 
     output="loss":  A = d CE(f(x), c) / dx  per example (the paper's default; ``reduction="sum"`` over the
@@ -44,29 +44,15 @@ class InputGradient:
     """
 
     def __init__(self, forward_func: Callable[[Tensor], Tensor], output: str = "loss") -> None:
-        if not callable(forward_func):
-            raise TypeError(f"forward_func must be callable, got {type(forward_func).__name__}")
+        super().__init__(forward_func)
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-        self.forward_func, self.output = forward_func, output
+        self.output = output
 
-    def attribute(self, inputs: Tensor, target=None, abs: bool = True,
-                  internal_batch_size: int | None = None) -> Tensor:
-        inputs = _inputs(inputs)
-        n = inputs.shape[0]
-        tgt = _targets(target, n, inputs.device)
-        bs = _batch_size(internal_batch_size, n)
-        out = []
-        for i in range(0, n, bs):
-            x = inputs[i:i + bs].detach().requires_grad_(True)
-            with torch.enable_grad():
-                logits = self.forward_func(x)
-                score, c = _scores(logits, None if tgt is None else tgt[i:i + bs])
-                if self.output == "loss":
-                    score = F.cross_entropy(logits, c, reduction="sum")
-                (g,) = torch.autograd.grad(score, x)
-            out.append(g.abs() if abs else g)
-        return torch.cat(out) if out else torch.empty_like(inputs)
+    def _objective(self, logits: Tensor, target: Tensor, score: Tensor) -> Tensor:
+        if self.output == "loss":
+            return F.cross_entropy(logits, target, reduction="sum")
+        return score
 
 
 def input_gradient(model: Callable[[Tensor], Tensor], x: Tensor, y=None, target: str = "loss", abs: bool = True,

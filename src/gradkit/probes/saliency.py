@@ -274,10 +274,15 @@ class Saliency:
         for i in range(0, n, bs):
             x = inputs[i:i + bs].detach().requires_grad_(True)
             with torch.enable_grad():
-                score, _ = _scores(self.forward_func(x), None if tgt is None else tgt[i:i + bs])
-                (g,) = torch.autograd.grad(score, x)
+                logits = self.forward_func(x)
+                score, c = _scores(logits, None if tgt is None else tgt[i:i + bs])
+                (g,) = torch.autograd.grad(self._objective(logits, c, score), x)
             out.append(g.abs() if abs else g)
         return torch.cat(out) if out else torch.empty_like(inputs)
+
+    def _objective(self, logits: Tensor, target: Tensor, score: Tensor) -> Tensor:
+        """What is differentiated w.r.t. the inputs: the summed explained logits (subclasses change it)."""
+        return score
 
 
 def input_gradient_saliency(model: Callable[[Tensor], Tensor], inputs: Tensor, target=None,
