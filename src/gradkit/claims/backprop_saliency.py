@@ -111,13 +111,14 @@ def make_canvases(digits: np.ndarray, labels: np.ndarray, n: int, size: int, rng
 def _digit_sources(data_root):
     """(train digits, train labels, eval digits, eval labels, canvas size, tolerance, clutter, pool, name)."""
     if data_root is None:
-        from sklearn.datasets import load_digits
+        from ..data import digits_images
 
-        d = load_digits()
-        imgs = np.kron(d.images / 16.0, np.ones((2, 2))).astype(np.float32)  # 8x8 -> 16x16
+        x01, labels = digits_images()
+        imgs = np.kron(x01[:, 0].numpy(), np.ones((2, 2), dtype=np.float32))  # 8x8 -> 16x16
+        target = labels.numpy()
         perm = np.random.RandomState(0).permutation(len(imgs))  # fixed split, independent of the seed
         tr, te = perm[: len(perm) // 2], perm[len(perm) // 2:]
-        return imgs[tr], d.target[tr], imgs[te], d.target[te], 32, 3.0, "strokes", None, "digit-canvas"
+        return imgs[tr], target[tr], imgs[te], target[te], 32, 3.0, "strokes", None, "digit-canvas"
     from ..data.readers import load_mnist
 
     root = Path(data_root)

@@ -65,12 +65,10 @@ class VictimCNN(nn.Module):
 @functools.lru_cache(maxsize=2)
 def _digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """scikit-learn digits in [0, 1] as (N, 1, 8, 8) with the same fixed 1437/360 split as load_digits_split."""
-    from ..data import digits_images
+    from ..data import load_digits_images_split
 
-    x, y = digits_images()
-    perm = np.random.RandomState(0).permutation(len(y))
-    te, tr = perm[:360], perm[360:]
-    return x[tr], y[tr], x[te], y[te]
+    s = load_digits_images_split()
+    return s.x_train, s.y_train, s.x_test, s.y_test
 
 
 @functools.lru_cache(maxsize=2)

@@ -15,7 +15,6 @@ import functools
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -35,14 +34,10 @@ FIDELITY_BITS = (4, 6, 8)
 @functools.lru_cache(maxsize=1)
 def digits01() -> Split:
     """scikit-learn digits as 64 pixels in [0, 1], the fixed 1437/360 split of ``load_digits_split``."""
-    from sklearn.datasets import load_digits
+    from ..data import load_digits_images_split
 
-    d = load_digits()
-    perm = np.random.RandomState(0).permutation(len(d.target))
-    te, tr = perm[:360], perm[360:]
-    x = torch.tensor(d.data / 16.0, dtype=torch.float32)
-    y = torch.tensor(d.target, dtype=torch.int64)
-    return Split(x[tr], y[tr], x[te], y[te], name="digits")
+    s = load_digits_images_split()
+    return Split(s.x_train.flatten(1), s.y_train, s.x_test.flatten(1), s.y_test, name="digits")
 
 
 def _model(cfg: dict, seed: int, device, *, enabled: bool = True, bits: int = 8) -> MesaViT:

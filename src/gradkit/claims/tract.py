@@ -39,12 +39,12 @@ def contrast_digits(test_size: int = 360, split_seed: int = 0, contrast: tuple[f
                     ) -> Split:
     """Digits as (N, 1, 8, 8) images: per-image contrast factor ~ U(contrast) about the image's mean, then
     one global mean/std from the training images. Split and factors depend on ``split_seed`` only."""
-    from sklearn.datasets import load_digits
+    from ..data import digits_images
 
-    d = load_digits()
-    imgs = d.images.astype(np.float64) / 16.0
+    x01, labels = digits_images()
+    imgs, target = x01[:, 0].double().numpy(), labels.numpy()
     rng = np.random.RandomState(split_seed)
-    perm = rng.permutation(len(d.target))  # the same split as gradkit.data.load_digits_split
+    perm = rng.permutation(len(target))  # the same split as gradkit.data.load_digits_split
     if contrast is not None:
         c = np.random.RandomState(split_seed + 1).uniform(contrast[0], contrast[1], size=len(imgs))
         mean = imgs.mean(axis=(1, 2), keepdims=True)
@@ -52,7 +52,7 @@ def contrast_digits(test_size: int = 360, split_seed: int = 0, contrast: tuple[f
     te, tr = perm[:test_size], perm[test_size:]
     mu, sd = imgs[tr].mean(), imgs[tr].std()
     x = torch.tensor((imgs - mu) / sd, dtype=torch.float32).unsqueeze(1)
-    y = torch.tensor(d.target, dtype=torch.int64)
+    y = torch.from_numpy(target.astype(np.int64))
     return Split(x[tr], y[tr], x[te], y[te], name="digits")
 
 

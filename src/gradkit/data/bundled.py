@@ -112,6 +112,16 @@ def digits_images() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(x.copy()), torch.from_numpy(y.copy())
 
 
+def load_digits_images_split(test_size: int = 360, split_seed: int = 0) -> Split:
+    """:func:`digits_images` ((N, 1, 8, 8) in [0, 1]) with the fixed split of :func:`load_digits_split`."""
+    if not 0 < test_size < 1797:
+        raise ValueError(f"test_size must be in (0, 1797), got {test_size}")
+    x, y = digits_images()
+    perm = torch.from_numpy(np.random.RandomState(split_seed).permutation(len(y)))
+    te, tr = perm[:test_size], perm[test_size:]
+    return Split(x[tr], y[tr], x[te], y[te], name="digits")
+
+
 def load_mnist1d(num_samples: int = 5000, seed: int = 42, cache: bool = True) -> Split:
     """MNIST-1D (40-sample 1-D signals, 10 classes) generated offline and cached.
 

@@ -185,14 +185,10 @@ def colored_environments(train_images: Tensor, train_digits: Tensor, test_images
 # ------------------------------------------------------------------------------------- data sets
 @functools.lru_cache(maxsize=1)
 def _digits_arrays() -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    from sklearn.datasets import load_digits
+    from .bundled import load_digits_images_split
 
-    d = load_digits()
-    perm = np.random.RandomState(0).permutation(len(d.target))  # the split of load_digits_split
-    te, tr = perm[:360], perm[360:]
-    x = torch.tensor(d.images / 16.0, dtype=torch.float32)
-    y = torch.tensor(d.target, dtype=torch.int64)
-    return x[tr], y[tr], x[te], y[te]
+    s = load_digits_images_split()  # the split of load_digits_split
+    return s.x_train[:, 0], s.y_train, s.x_test[:, 0], s.y_test
 
 
 def colored_digits(seed: int, env_noise: Sequence[float] = TRAIN_ENVS, test_noise: float = TEST_ENV,
