@@ -176,5 +176,8 @@ def test_bench_runs_stores_and_reports(tmp_path):
     (b,) = json.loads(r.stdout)
     assert b["name"] == "dann-grl-step" and b["ratio"] > 0 and b["target"] == 1.05
     assert rows(db, "SELECT name, repeats FROM bench") == [("dann-grl-step", 3)]
+    r = gk("bench", "dann-grl-step", "--repeats", "3", "--clock", "cpu", db=db)
+    assert r.returncode in (0, 1), r.stderr
+    assert "clock=cpu" in r.stdout  # the clock is recorded with the result
     r = gk("bench", "dann-grl-step", "--repeats", "1", db=db)
     assert r.returncode == 2 and "--repeats must be >= 3" in r.stderr

@@ -238,3 +238,23 @@ def test_run_arms_collects_metrics_curves_and_seconds():
     assert metrics == {"a": {"acc": 1}, "b": {"acc": 1}}
     assert curves == {"loss": {"a": [1.0, 0.5], "b": [1.0, 0.5]}}
     assert set(seconds) == {"a", "b"} and all(s >= 0 for s in seconds.values())
+
+
+def test_compare_steps_uses_the_chosen_clock(monkeypatch):
+    from gradkit import bench
+
+    ticks = iter(range(1000))
+    monkeypatch.setitem(bench.CLOCKS, "cpu", lambda: float(next(ticks)))  # each reading advances by 1
+    calls = []
+    r = bench.compare_steps(lambda: calls.append("a"), lambda: calls.append("b"), repeats=3, warmup=1,
+                            clock="cpu")
+    assert r.baseline_s == r.candidate_s == 1.0 and len(calls) == 8
+    old = bench.set_clock("cpu")
+    try:
+        assert bench.compare_steps(lambda: None, lambda: None, repeats=2, warmup=0).baseline_s == 1.0
+    finally:
+        bench.set_clock(old)
+    with pytest.raises(ValueError, match="clock must be one of"):
+        bench.compare_steps(lambda: None, lambda: None, clock="sundial")
+    with pytest.raises(ValueError, match="clock must be one of"):
+        bench.set_clock("sundial")

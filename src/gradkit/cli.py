@@ -224,7 +224,7 @@ def cmd_bench(args) -> int:
         raise UsageError(f"--repeats must be >= 3, got {args.repeats}")
     store = _store(args)
     out = []
-    for b, r in run_benchmarks(args.names or None, repeats=args.repeats):
+    for b, r in run_benchmarks(args.names or None, repeats=args.repeats, clock=args.clock):
         passed = None if b.target is None else bool(r.ratio <= b.target)
         rec = BenchRecord(name=b.name, slug=b.slug, description=b.description, baseline=b.baseline,
                           baseline_s=r.baseline_s, candidate_s=r.candidate_s, ratio=r.ratio, target=b.target,
@@ -303,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("bench", help="time components against plain PyTorch (ratios, one process)")
     sp.add_argument("names", nargs="*", metavar="NAME")
     sp.add_argument("--repeats", type=int, default=30, help="timed repetitions per side (default 30)")
+    sp.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall time (default) or CPU time of the process (steadier on a shared machine)")
     sp.add_argument("--db", default=None)
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_bench)
