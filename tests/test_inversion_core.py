@@ -353,3 +353,29 @@ def test_spaces():
     assert torch.allclose(lat.z.norm(dim=1), z0.norm(dim=1), rtol=1e-6)
     assert lat.signed_parameters() == [] and lat.render().shape == (2, 4)
     assert isinstance(SearchSpace().regularizer(), float)
+
+
+def test_patience_stops_a_run_without_progress():
+    model, x, y, target = _victim()
+    # lr far below float resolution: the iterate never moves, so no iteration beats the first one
+    preset = InversionPreset(name="t", iters=100, lr=1e-30, signed=False, patience=3)
+    res = GradientInversion(model, preset).run(target, y, PixelSpace(x.shape, init="rand",
+                                                                     generator=torch.Generator().manual_seed(0)))
+    assert res.best_iter == 0 and res.iterations == 3 and len(res.history) == 4
+
+
+def test_plateau_schedule_cuts_the_lr_after_its_patience():
+    model, _, _, _ = _victim()
+    att = GradientInversion(model, InversionPreset(name="t", schedule="plateau", plateau_patience=2))
+    opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=0.1)
+    sched = att._scheduler(opt)
+    for loss in (1.0, 1.0, 1.0, 1.0):  # no improvement after the first
+        sched.step(loss)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01)
+    assert PRESETS.get("dia").schedule == "plateau" and PRESETS.get("dia").patience == 4000
+
+
+@pytest.mark.parametrize("kw", [dict(patience=-1), dict(plateau_patience=1.5), dict(schedule="linear")])
+def test_preset_rejects_bad_schedule_settings(kw):
+    with pytest.raises(ValueError):
+        InversionPreset(name="t", **kw)

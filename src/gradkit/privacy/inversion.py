@@ -31,7 +31,7 @@ from .matching import COSTS, check_gradients, gradient_distance, model_gradients
 __all__ = ["InversionPreset", "PRESETS", "register_preset", "SearchSpace", "PixelSpace", "LatentSpace",
            "GradientInversion", "InversionResult", "SCHEDULES", "MODEL_MODES"]
 
-SCHEDULES = ("none", "multistep", "cosine_warmup")
+SCHEDULES = ("none", "multistep", "cosine_warmup", "plateau")
 MODEL_MODES = ("eval", "train", "as_is")
 
 
@@ -43,9 +43,11 @@ class InversionPreset:
     signed: replace the data gradient by its sign. keep_best: return the iterate with the lowest
     matching loss (else the last). model_mode: the victim model's mode during the attack (``"eval"``,
     ``"train"`` or ``"as_is"``), restored afterwards. schedule: ``"none"``, ``"multistep"`` (x0.1 at 3/8,
-    5/8, 7/8 of the iterations, Inverting Gradients) or ``"cosine_warmup"`` (GIFD's warm-up + cosine
-    decay). early_stop: stop once the matching loss is below it (0 = never). max_batch: the largest
-    victim batch the preset is meant for (None = any).
+    5/8, 7/8 of the iterations, Inverting Gradients), ``"cosine_warmup"`` (GIFD's warm-up + cosine
+    decay) or ``"plateau"`` (lr x0.1 after ``plateau_patience`` iterations without a lower matching loss,
+    as ReduceLROnPlateau). early_stop: stop once the matching loss is below it (0 = never). patience:
+    stop after that many iterations without a new best matching loss (0 = never). max_batch: the
+    largest victim batch the preset is meant for (None = any).
     """
 
     name: str
@@ -60,6 +62,8 @@ class InversionPreset:
     schedule: str = "none"
     early_stop: float = 0.0
     max_batch: int | None = None
+    plateau_patience: int = 800
+    patience: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -76,6 +80,10 @@ class InversionPreset:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 1:
             raise ValueError(f"iters must be a positive int, got {self.iters!r}")
+        for k in ("plateau_patience", "patience"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{k} must be an int >= 0, got {v!r}")
         if self.max_batch is not None and (isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int)
                                            or self.max_batch < 1):
             raise ValueError(f"max_batch must be a positive int or None, got {self.max_batch!r}")
@@ -250,6 +258,9 @@ class GradientInversion:
                 t = step / p.iters
                 return min(1.0, t / 0.05) * (0.5 - 0.5 * math.cos(math.pi * min(1.0, (1 - t) / 0.75)))
             return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        if p.schedule == "plateau":
+            return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.1,
+                                                              patience=p.plateau_patience)
         return None
 
     def matching_loss(self, x: Tensor, labels: Tensor, target: Sequence[Tensor]) -> Tensor:
@@ -305,7 +316,8 @@ class GradientInversion:
                     best_x, snaps = x.detach().clone(), {k: s.snapshot() for k, s in spaces.items()}
                 if progress is not None:
                     progress(it, m)
-                if it == p.iters or (p.early_stop > 0 and m < p.early_stop):
+                if it == p.iters or (p.early_stop > 0 and m < p.early_stop) or \
+                        (p.patience > 0 and it - best_iter >= p.patience):
                     break
                 loss = match
                 if p.tv > 0:
@@ -319,7 +331,9 @@ class GradientInversion:
                     g = torch.zeros_like(t) if g is None else g
                     t.grad = g.sign() if id(t) in signed else g
                 opt.step()
-                if sched is not None:
+                if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                    sched.step(m)
+                elif sched is not None:
                     sched.step()
                 with torch.no_grad():
                     for s in spaces.values():
