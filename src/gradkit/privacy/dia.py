@@ -59,10 +59,10 @@ class DIAPreset(InversionPreset):
 
 # The official configs (example_configs/attacks/{DIA,IG}.yaml): cosine distance over all parameters, TV 1e-5,
 # Adam lr 0.1, signed data gradient, pixels clipped, attacker model in eval mode, best-loss iterate, stop
-# below 1e-5, at most 20k iterations. Their ReduceLROnPlateau(0.1, patience 800) and 4000-iteration
-# patience are not modelled (the core has no plateau schedule); they never act within 800 iterations.
+# below 1e-5, at most 20k iterations, ReduceLROnPlateau(0.1, patience 800), stop after 4000 iterations
+# without improvement (neither acts within 800 iterations).
 _OFFICIAL = dict(cost="cosine", tv=1e-5, image_norm=0.0, lr=0.1, iters=20000, signed=True, keep_best=True,
-                 model_mode="eval", schedule="none", early_stop=1e-5)
+                 model_mode="eval", schedule="plateau", plateau_patience=800, patience=4000, early_stop=1e-5)
 DIA_PRESET = register_preset(DIAPreset(name="dia", mask_reg=1e-4, mask_init="bernoulli", **_OFFICIAL))
 # IG as configured in the DIA paper's code (attacker_train_mode: false -> deterministic model, no dropout).
 DIA_IG_PRESET = register_preset(InversionPreset(name="dia-ig", **_OFFICIAL))
