@@ -23,7 +23,8 @@ class Check:
     detail: str
 
 
-def _values(per_seed: Sequence[SeedMetrics], arm: str, metric: str) -> list[float]:
+def seed_values(per_seed: Sequence[SeedMetrics], arm: str, metric: str) -> list[float]:
+    """``metric`` of ``arm`` in every seed's metrics (KeyError naming what is missing)."""
     out = []
     for i, m in enumerate(per_seed):
         if arm not in m:
@@ -34,7 +35,8 @@ def _values(per_seed: Sequence[SeedMetrics], arm: str, metric: str) -> list[floa
     return out
 
 
-def _mean(xs: Sequence[float]) -> float:
+def mean(xs: Sequence[float]) -> float:
+    """Plain mean (NaN for no values; NaN inputs propagate, so a failed seed cannot be averaged away)."""
     return sum(xs) / len(xs) if xs else float("nan")
 
 
@@ -42,7 +44,8 @@ def _finite(xs: Sequence[float]) -> bool:
     return all(math.isfinite(x) for x in xs)
 
 
-def _fmt(x: float) -> str:
+def fmt(x: float) -> str:
+    """A number as criteria print it (4 significant digits)."""
     return f"{x:.4g}" if math.isfinite(x) else str(x)
 
 
@@ -75,10 +78,10 @@ class Gain(Criterion):
         return f"{self.metric}: {self.ours} >= {self.baseline} + {self.at_least:g}"
 
     def checks(self, per_seed):
-        a, b = _values(per_seed, self.ours, self.metric), _values(per_seed, self.baseline, self.metric)
-        gain = _mean(a) - _mean(b)
+        a, b = seed_values(per_seed, self.ours, self.metric), seed_values(per_seed, self.baseline, self.metric)
+        gain = mean(a) - mean(b)
         ok = _finite(a) and _finite(b) and gain >= self.at_least
-        return [Check(self.describe(), ok, f"{_fmt(_mean(a))} vs {_fmt(_mean(b))} (gain {gain:+.4g})")]
+        return [Check(self.describe(), ok, f"{fmt(mean(a))} vs {fmt(mean(b))} (gain {gain:+.4g})")]
 
 
 @dataclass(frozen=True)
@@ -94,10 +97,10 @@ class Drop(Criterion):
         return f"{self.metric}: {self.ours} >= {self.baseline} - {self.at_most:g}"
 
     def checks(self, per_seed):
-        a, b = _values(per_seed, self.ours, self.metric), _values(per_seed, self.baseline, self.metric)
-        drop = _mean(b) - _mean(a)
+        a, b = seed_values(per_seed, self.ours, self.metric), seed_values(per_seed, self.baseline, self.metric)
+        drop = mean(b) - mean(a)
         ok = _finite(a) and _finite(b) and drop <= self.at_most
-        return [Check(self.describe(), ok, f"{_fmt(_mean(a))} vs {_fmt(_mean(b))} (drop {drop:+.4g})")]
+        return [Check(self.describe(), ok, f"{fmt(mean(a))} vs {fmt(mean(b))} (drop {drop:+.4g})")]
 
 
 @dataclass(frozen=True)
@@ -114,9 +117,9 @@ class Below(Criterion):
         return f"{self.metric}[{self.arm}] < {self.value:g} ({scope})"
 
     def checks(self, per_seed):
-        xs = _values(per_seed, self.arm, self.metric)
-        ok = _finite(xs) and (all(x < self.value for x in xs) if self.every_seed else _mean(xs) < self.value)
-        return [Check(self.describe(), ok, "seeds: " + ", ".join(_fmt(x) for x in xs))]
+        xs = seed_values(per_seed, self.arm, self.metric)
+        ok = _finite(xs) and (all(x < self.value for x in xs) if self.every_seed else mean(xs) < self.value)
+        return [Check(self.describe(), ok, "seeds: " + ", ".join(fmt(x) for x in xs))]
 
 
 @dataclass(frozen=True)
@@ -131,9 +134,9 @@ class AtLeast(Criterion):
         return f"{self.metric}[{self.arm}] >= {self.value:g} (mean)"
 
     def checks(self, per_seed):
-        xs = _values(per_seed, self.arm, self.metric)
-        ok = _finite(xs) and _mean(xs) >= self.value
-        return [Check(self.describe(), ok, f"mean {_fmt(_mean(xs))}")]
+        xs = seed_values(per_seed, self.arm, self.metric)
+        ok = _finite(xs) and mean(xs) >= self.value
+        return [Check(self.describe(), ok, f"mean {fmt(mean(xs))}")]
 
 
 @dataclass(frozen=True)
@@ -148,9 +151,9 @@ class AtMost(Criterion):
         return f"{self.metric}[{self.arm}] <= {self.value:g} (mean)"
 
     def checks(self, per_seed):
-        xs = _values(per_seed, self.arm, self.metric)
-        ok = _finite(xs) and _mean(xs) <= self.value
-        return [Check(self.describe(), ok, f"mean {_fmt(_mean(xs))}")]
+        xs = seed_values(per_seed, self.arm, self.metric)
+        ok = _finite(xs) and mean(xs) <= self.value
+        return [Check(self.describe(), ok, f"mean {fmt(mean(xs))}")]
 
 
 @dataclass(frozen=True)
@@ -166,12 +169,12 @@ class Monotonic(Criterion):
         return f"{self.metric}: " + rel.join(self.arms) + " (seed means)"
 
     def checks(self, per_seed):
-        means = [_mean(_values(per_seed, a, self.metric)) for a in self.arms]
+        means = [mean(seed_values(per_seed, a, self.metric)) for a in self.arms]
         pairs = zip(means, means[1:])
         ok = all(math.isfinite(m) for m in means) and all(
             (b > a) if self.increasing else (b < a) for a, b in pairs
         )
-        return [Check(self.describe(), ok, ", ".join(_fmt(m) for m in means))]
+        return [Check(self.describe(), ok, ", ".join(fmt(m) for m in means))]
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from ..data import TensorBatches, standardise
 from ..engine import cpu_threads, fit, seed_everything
 from ..nn.gbnn import GradientBoostedMLP, l2_weight_penalty, make_lbfgs, one_hidden_mlp, switch_off_units
 from .base import Claim, Primary, RunContext, RunOutput, register
-from .criteria import AllOf, AtMost, Below, Check, Criterion, _fmt, _mean, _values
+from .criteria import AllOf, AtMost, Below, Check, Criterion, fmt, mean, seed_values
 
 SLUG = "gbnn"
 ARMS = ("gbnn", "mlp_lbfgs", "mlp_adam")
@@ -255,7 +255,7 @@ def _run(ctx: RunContext) -> RunOutput:
 
 # ----------------------------------------------------------------------------- criteria
 def _best(per_seed, arms: Sequence[str], metric: str, lower: bool) -> tuple[str, float]:
-    means = {a: _mean(_values(per_seed, a, metric)) for a in arms}
+    means = {a: mean(seed_values(per_seed, a, metric)) for a in arms}
     finite = {a: m for a, m in means.items() if math.isfinite(m)}
     if not finite:
         return arms[0], float("nan")
@@ -285,11 +285,11 @@ class CompetitiveAccuracy(Criterion):
     def checks(self, per_seed):
         rows = []
         for metric, n in self.sets:
-            ours = _mean(_values(per_seed, self.ours, metric))
+            ours = mean(seed_values(per_seed, self.ours, metric))
             arm, best = _best(per_seed, self.baselines, metric, lower=False)
             drop = best - ours if math.isfinite(ours) and math.isfinite(best) else float("nan")
             rows.append((metric, n, ours, arm, best, drop))
-        ours_m = _mean(_values(per_seed, self.ours, self.mean_metric))
+        ours_m = mean(seed_values(per_seed, self.ours, self.mean_metric))
         arm_m, best_m = _best(per_seed, self.baselines, self.mean_metric, lower=False)
         drop_m = best_m - ours_m if math.isfinite(ours_m) and math.isfinite(best_m) else float("nan")
         mean_ok = math.isfinite(drop_m) and drop_m <= self.within
@@ -303,9 +303,9 @@ class CompetitiveAccuracy(Criterion):
             if not ok and lenient:
                 ok, note = True, f"; misses by <= 1 of {n} test samples, judged on {self.mean_metric}"
             out.append(Check(f"{metric}: {self.ours} >= best baseline - {self.within:g}", ok,
-                             f"{_fmt(ours)} vs {arm} {_fmt(best)} (drop {drop:+.3g}){note}"))
+                             f"{fmt(ours)} vs {arm} {fmt(best)} (drop {drop:+.3g}){note}"))
         out.append(Check(f"{self.mean_metric}: {self.ours} >= best baseline - {self.within:g}", mean_ok,
-                         f"{_fmt(ours_m)} vs {arm_m} {_fmt(best_m)} (drop {drop_m:+.3g})"))
+                         f"{fmt(ours_m)} vs {arm_m} {fmt(best_m)} (drop {drop_m:+.3g})"))
         return out
 
 
@@ -322,11 +322,11 @@ class RelativeToBest(Criterion):
         return f"{self.metric}: {self.ours} <= (1 + {self.rel:g}) x best of ({', '.join(self.baselines)})"
 
     def checks(self, per_seed):
-        ours = _mean(_values(per_seed, self.ours, self.metric))
+        ours = mean(seed_values(per_seed, self.ours, self.metric))
         arm, best = _best(per_seed, self.baselines, self.metric, lower=True)
         ratio = ours / best if math.isfinite(ours) and math.isfinite(best) and best > 0 else float("nan")
         ok = math.isfinite(ratio) and ratio <= 1 + self.rel
-        return [Check(self.describe(), ok, f"{_fmt(ours)} vs {arm} {_fmt(best)} (ratio {_fmt(ratio)})")]
+        return [Check(self.describe(), ok, f"{fmt(ours)} vs {arm} {fmt(best)} (ratio {fmt(ratio)})")]
 
 
 @dataclass(frozen=True)
@@ -344,14 +344,14 @@ class AnytimeContrast(Criterion):
                 f"{self.factor:g} x {self.ours})")
 
     def checks(self, per_seed):
-        ours = _mean(_values(per_seed, self.ours, self.metric))
+        ours = mean(seed_values(per_seed, self.ours, self.metric))
         need = max(self.floor, self.factor * ours) if math.isfinite(ours) else float("nan")
         out = []
         for b in self.baselines:
-            v = _mean(_values(per_seed, b, self.metric))
+            v = mean(seed_values(per_seed, b, self.metric))
             ok = math.isfinite(v) and math.isfinite(need) and v >= need
             out.append(Check(f"{self.metric}[{b}] >= max({self.floor:g}, {self.factor:g} x {self.ours})", ok,
-                             f"{_fmt(v)} vs needed {_fmt(need)} ({self.ours} {_fmt(ours)})"))
+                             f"{fmt(v)} vs needed {fmt(need)} ({self.ours} {fmt(ours)})"))
         return out
 
 
