@@ -136,12 +136,13 @@ def _init_tensor(shape, init, generator, device, dtype) -> Tensor:
         if tuple(init.shape) != tuple(shape):
             raise ValueError(f"init has shape {tuple(init.shape)}, expected {tuple(shape)}")
         return init.detach().clone().to(device=device or init.device, dtype=dtype or init.dtype)
-    kw = dict(generator=generator, device=device, dtype=dtype or torch.get_default_dtype())
-    if init == "randn":
-        return torch.randn(shape, **kw)
-    if init == "rand":
-        return torch.rand(shape, **kw)
-    raise ValueError(f"init must be 'randn', 'rand' or a tensor, got {init!r}")
+    if init not in ("randn", "rand"):
+        raise ValueError(f"init must be 'randn', 'rand' or a tensor, got {init!r}")
+    # drawn where the generator lives (a CPU generator can seed a CUDA search), then moved
+    draw_on = generator.device if generator is not None else device
+    x = (torch.randn if init == "randn" else torch.rand)(shape, generator=generator, device=draw_on,
+                                                         dtype=dtype or torch.get_default_dtype())
+    return x.to(device) if device is not None else x
 
 
 class PixelSpace(SearchSpace):
