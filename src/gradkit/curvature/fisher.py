@@ -279,7 +279,9 @@ class SlidingFisherInverse:
             raise ValueError(f"g must be a vector of length d={self.d}, got shape {tuple(g.shape)}")
         i = self.slot
         self.grads[i].copy_(g.detach())
-        k = (self.grads @ self.grads[i]).to(torch.float64)
+        k = self.grads @ self.grads[i]
+        if k.dtype != torch.float64:
+            k = k.to(torch.float64)
         self.dots[i, :] = k
         self.dots[:, i] = k
         self.slot = (i + 1) % self.m
@@ -311,8 +313,9 @@ class SlidingFisherInverse:
         i = self.slot
         self._insert(g)
         if self.method == "woodbury":
-            c = self.inv[:, i] * (self.m / self.damp)
-            return (c.to(self.dtype) @ self.grads).to(g.dtype)
+            c = (self.inv[:, i] * (self.m / self.damp)).to(self.dtype)
+            u = c @ self.grads
+            return u if u.dtype == g.dtype else u.to(g.dtype)
         return self.mul(g)
 
     def dense(self) -> Tensor:

@@ -98,7 +98,9 @@ class MFAC(torch.optim.Optimizer):
                 loss = closure()
         dt = self.fisher.dtype
         g = torch.cat([(torch.zeros(p.numel(), dtype=dt, device=p.device) if p.grad is None
-                        else p.grad.detach().reshape(-1).to(dt)) for p in self._params])
+                        else p.grad.detach().reshape(-1)) for p in self._params])
+        if g.dtype != dt:  # one cast for the flat vector (a per-tensor no-op cast costs ~1 us each)
+            g = g.to(dt)
         wd = self._group_vector("weight_decay")
         if not isinstance(wd, float) or wd != 0.0:
             g = g + wd * torch.cat([p.detach().reshape(-1).to(dt) for p in self._params])
@@ -120,7 +122,8 @@ class MFAC(torch.optim.Optimizer):
         lr = self._group_vector("lr")
         if not isinstance(lr, float):
             u, lr = u * lr, 1.0
-        steps = [v.view_as(p).to(p.dtype) for v, p in zip(u.split(self._sizes), self._params)]
+        steps = [v.view_as(p) if v.dtype == p.dtype else v.view_as(p).to(p.dtype)
+                 for v, p in zip(u.split(self._sizes), self._params)]
         torch._foreach_add_(self._params, steps, alpha=-lr)
         return loss
 
