@@ -227,7 +227,7 @@ CLAIM = register(Claim(
     notes="Laptop-scale check, not of the paper's CIFAR/ImageNet numbers: the paper's ~1 point gain is not "
           "resolvable on 360 test digits (1 point ~ 4 images, about the seed spread), so accuracy is checked "
           "as non-inferiority (drop <= 1 point) against both the clipped STE (spec's baseline) and ReSTE "
-          "(added: the paper compares with ReSTE and the issue asks for it as a baseline). The QE ordering is "
+          "(added: the paper compares with ReSTE). The QE ordering is "
           "mostly a property of the sine map and guards the probe and frequency wiring; qe_gated_layers says "
           "how many layers met omega_0 * std(W) >= 3 (the 1 - 2/pi check is vacuous where none did). "
           "acc_by_freq (info) reports accuracy over omega_0 without asserting a direction. The spec's "

@@ -230,7 +230,7 @@ def _run(ctx: RunContext) -> RunOutput:
 
     metrics, curves, seconds = run_arms(ARMS, score)
 
-    # per-iteration cost as a ratio to one forward+backward of the victim (the performance target)
+    # per-iteration cost as a ratio to one forward+backward of the victim
     kind, x, y, model, grads, labels = setups[0]
     timings = []
     for _ in range(ctx.pick(smoke=5, quick=30, full=50)):
