@@ -485,6 +485,11 @@ class GCScheme(CodingScheme):
         return out
 
 
+def _lambda_grid(n: int, lambdas) -> list[int]:
+    """Straggler tolerances to search: ``lambdas`` capped at ``n`` (default 1..n), sorted, unique."""
+    return sorted({min(int(x), n) for x in (lambdas or range(1, n + 1))})
+
+
 class SRSGCScheme(GCScheme):
     """Selective-repeat SGC: GC with s = ceil(B lam/(W-1+B)) plus repeats in round t+B (paper slug: sgc).
 
@@ -522,7 +527,7 @@ class SRSGCScheme(GCScheme):
     def param_grid(cls, n: int, max_T: int, lambdas=None, max_W=None) -> list[dict]:
         """B in 1..max_T (T = B), W in {B+1, 2B+1, ...} <= max_W (default: max(B+1, max_T+2-B), the
         windows M-SGC uses), lam in ``lambdas`` (default 1..n)."""
-        lams = sorted({min(int(x), n) for x in (lambdas or range(1, n + 1))})
+        lams = _lambda_grid(n, lambdas)
         out = []
         for B in range(1, max_T + 1):
             w_hi = max_W if max_W is not None else max(B + 1, max_T + 2 - B)
@@ -591,7 +596,7 @@ class MSGCScheme(CodingScheme):
     @classmethod
     def param_grid(cls, n: int, max_T: int, lambdas=None, max_W=None) -> list[dict]:
         """Every B < W with T = W-2+B <= max_T, and lam in ``lambdas`` (default 1..n)."""
-        lams = sorted({min(int(x), n) for x in (lambdas or range(1, n + 1))})
+        lams = _lambda_grid(n, lambdas)
         out = []
         for W in range(2, max_T + 2):
             for B in range(1, W):
