@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .._validate import real_scalar
+from ._hooks import HookProbe
 
 
 def _layers_of(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
@@ -35,7 +36,7 @@ def _layers_of(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
     return layers
 
 
-class ResidualStreamProbe:
+class ResidualStreamProbe(HookProbe):
     """Context manager recording each layer's output statistics and, on request, its gradient norms (peri-ln).
 
     Forward hooks on every layer (default ``model.blocks``) append, per call, RMS, std and max|h| of
@@ -74,25 +75,10 @@ class ResidualStreamProbe:
                 rec[name].append(float(v))
         return hook
 
-    def __enter__(self) -> "ResidualStreamProbe":
-        if self._handles:
-            raise RuntimeError("ResidualStreamProbe is already active")
-        try:
-            if self.record_forward:
-                for i, m in enumerate(self.layers):
-                    self._handles.append(m.register_forward_hook(self._hook(i)))
-        except BaseException:
-            self.remove()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-    def remove(self) -> None:
-        """Remove every hook this probe installed (idempotent)."""
-        while self._handles:
-            self._handles.pop().remove()
+    def _hooks(self):
+        if self.record_forward:
+            return [(m, self._hook(i)) for i, m in enumerate(self.layers)]
+        return []
 
     @torch.no_grad()
     def record_grads(self) -> list[float]:

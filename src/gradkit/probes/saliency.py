@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._validate import real_scalar
+from ._hooks import HookProbe
 
 PHASE1 = ("bias", "scaling", "conv1x1", "conv3x3", "conv3x3_depthwise", "avg_bias_scaling")
 PHASE2 = ("norm", "filter_norm", "sum", "max")
@@ -166,7 +167,7 @@ def upsample_maps(maps: Tensor, size: Sequence[int]) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------ layer capture
-class LayerCapture:
+class LayerCapture(HookProbe):
     """Context manager capturing a module's output (every call) behind a virtual identity layer (backprop-saliency).
 
     The forward hook returns ``output.clone()``: the model continues on the copy, so an in-place op
@@ -212,24 +213,8 @@ class LayerCapture:
             return output.clone()  # the virtual identity layer
         return hook
 
-    def __enter__(self) -> "LayerCapture":
-        if self._handles:
-            raise RuntimeError("LayerCapture is already active")
-        try:
-            for key, m in self.modules.items():
-                self._handles.append(m.register_forward_hook(self._hook(key)))
-        except BaseException:
-            self.remove()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-    def remove(self) -> None:
-        """Remove every hook this capture installed (idempotent)."""
-        while self._handles:
-            self._handles.pop().remove()
+    def _hooks(self):
+        return [(m, self._hook(key)) for key, m in self.modules.items()]
 
     def single(self, key: str, call: int | None = None) -> Tensor:
         """The captured output of ``key``; a layer run several times needs ``call`` (an index) to choose."""
