@@ -22,13 +22,13 @@ Rebuffi, Fong, Ji, Vedaldi, "There and Back Again: Revisiting Backpropagation Sa
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..data import DataError, TensorBatches
+from ..data import TensorBatches
+from ..data.real import data_folder
 from ..engine import accuracy, cpu_threads, fit, seed_everything
 from ..probes.saliency import (
     GradCAM, LayerCapture, LinearApprox, MetaSaliency, NormGrad, Saliency, center_maps,
@@ -121,9 +121,7 @@ def _digit_sources(data_root):
         return imgs[tr], target[tr], imgs[te], target[te], 32, 3.0, "strokes", None, "digit-canvas"
     from ..data.readers import load_mnist
 
-    root = Path(data_root)
-    if not root.is_dir():
-        raise DataError(f"--data-root {str(root)!r} is not a folder (expected one holding mnist/)")
+    root = data_folder(data_root, "mnist/")
     xtr, ytr = load_mnist(root, "train")
     xte, yte = load_mnist(root, "test")
     xtr = xtr[:20000].astype(np.float32) / 255.0

@@ -19,13 +19,11 @@ all 10,000), 784 inputs.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
-from ..data import DataError, Split, TensorBatches, load_digits_split
-from ..data.real import mnist_split
+from ..data import Split, TensorBatches, load_digits_split
+from ..data.real import data_folder, mnist_split
 from ..engine import accuracy, cpu_threads, fit, seed_everything
 from ..nn.binary import set_estimator_param
 from ..nn.periodic import BiPerLinear, set_stage
@@ -156,9 +154,7 @@ def _train_arm(arm: str, split: Split, stage_epochs: int, ctx: RunContext) -> tu
 
 def run(ctx: RunContext) -> RunOutput:
     if ctx.data_root is not None:
-        root = Path(ctx.data_root)
-        if not root.is_dir():
-            raise DataError(f"--data-root {str(root)!r} is not a folder (expected one holding mnist/)")
+        root = data_folder(ctx.data_root, "mnist/")
         split = mnist_split(root, n_train=ctx.pick(smoke=1000, quick=6000, full=60000),
                             n_test=ctx.pick(smoke=1000, quick=10000, full=10000))
         stage_epochs = ctx.pick(smoke=1, quick=4, full=20)

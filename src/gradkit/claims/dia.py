@@ -23,12 +23,11 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..data import DataError
+from ..data.real import data_folder
 from ..engine import cpu_threads, seed_everything
 from ..nn.maskable_dropout import DropoutMLP
 from ..privacy.dia import DIA_IG_PRESET, DIA_IG_TRAIN_PRESET, DIA_PRESET, DropoutInversionAttack, client_gradients
@@ -52,9 +51,7 @@ def _images(data_root) -> tuple[torch.Tensor, torch.Tensor, str]:
 
         x, y = digits_images()
         return x, y, "digits"
-    root = Path(data_root)
-    if not root.is_dir():
-        raise DataError(f"--data-root {str(root)!r} is not a folder (expected one holding mnist/)")
+    root = data_folder(data_root, "mnist/")
     from ..data.readers import load_mnist
 
     xs, ys = load_mnist(root, "test")

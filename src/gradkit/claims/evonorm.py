@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import DataError, Split, TensorBatches, load_digits_split
+from ..data import Split, TensorBatches, load_digits_split
+from ..data.real import data_folder
 from ..engine import accuracy, cpu_threads, fit, seed_everything
 from ..nn.evonorm import replace_bn_relu
 from .base import Claim, Primary, RunContext, RunOutput, register, run_arms
@@ -182,9 +183,7 @@ def run(ctx: RunContext) -> RunOutput:
 
 def _run(ctx: RunContext) -> RunOutput:
     if ctx.data_root is not None:
-        root = Path(ctx.data_root)
-        if not root.is_dir():
-            raise DataError(f"--data-root {str(root)!r} is not a folder (expected one holding usps/)")
+        root = data_folder(ctx.data_root, "usps/")
         split = _usps_images(root, ctx.pick(smoke=100, quick=1500, full=7291))
         regimes = [(SMALL_ARMS, 2, 1, 0.01, 0.5)]
     else:

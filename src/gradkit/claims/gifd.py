@@ -26,13 +26,12 @@ import dataclasses
 import functools
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..data import DataError
+from ..data.real import data_folder
 from ..engine import cpu_threads, seed_everything
 from ..generative.layered import LayeredGenerator, train_small_generator
 from ..privacy import (PRESETS, GradientInversion, LatentSpace, PixelSpace, infer_labels, model_gradients,
@@ -75,9 +74,7 @@ def _digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
 def _mnist(root: str) -> dict:
     from ..data.readers import load_fashion_mnist, load_mnist
 
-    path = Path(root)
-    if not path.is_dir():
-        raise DataError(f"--data-root {root!r} is not a folder (expected one holding mnist/ and fashion_mnist/)")
+    path = data_folder(root, "mnist/ and fashion_mnist/")
     xtr, ytr = load_mnist(path, "train")
     xte, yte = load_mnist(path, "test")
     fte, fyte = load_fashion_mnist(path, "test")

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data import DataError
+from ..data.real import data_folder
 from ..distributed.federated import (
     ClientData, FedAvgClient, client_accuracies, clip_and_noise, dirichlet_split, dp_fedavg_round, fedavg_round,
     hyperfl_round, local_train_fedavg, local_train_hyperfl,
@@ -66,8 +66,7 @@ def _digits_pool() -> tuple[torch.Tensor, torch.Tensor]:
 def _fashion_pool(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
     from ..data.readers import load_fashion_mnist
 
-    if not root.is_dir():
-        raise DataError(f"--data-root {str(root)!r} is not a folder (expected one holding fashion_mnist/)")
+    root = data_folder(root, "fashion_mnist/")
     imgs, labels = load_fashion_mnist(root, split="test")
     x = torch.tensor(imgs, dtype=torch.float32).div_(255.0).unsqueeze(1)
     return x, torch.tensor(labels, dtype=torch.int64)

@@ -22,13 +22,13 @@ adversarial training, ours). Protocol (spec ``papers/input-gradients.md``), one 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..data import DataError, TensorBatches, load_digits_split
+from ..data import TensorBatches, load_digits_split
 from ..data.blocks import block_digits, block_region_mask, signal_coordinate_synthetic
+from ..data.real import data_folder
 from ..engine import accuracy, cpu_threads, fit, seed_everything
 from ..probes.input_gradients import (
     attribution_mask, diffroar, gradient_mass_in_region, input_gradient, n_kept, top_hit_rate,
@@ -100,9 +100,7 @@ def block_data(ctx: RunContext):
         return split, s_te, 8, 8, (128, 64, 2), 0.1, ctx.pick(smoke=3, quick=30, full=60), 32, "block-digits"
     from ..data.blocks import block_mnist
 
-    root = Path(ctx.data_root)
-    if not root.is_dir():
-        raise DataError(f"--data-root {str(root)!r} is not a folder (expected one holding mnist/)")
+    root = data_folder(ctx.data_root, "mnist/")
     n_tr, n_te = ctx.pick(smoke=500, quick=5000, full=5000), ctx.pick(smoke=200, quick=1000, full=1000)
     split, _, s_te = block_mnist(root, n_train=n_tr, n_test=n_te, seed=ctx.seed)
     return split, s_te, 28, 28, (1568, 256, 2), 0.3, ctx.pick(smoke=1, quick=8, full=20), 64, "block-mnist"

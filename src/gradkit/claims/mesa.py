@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import functools
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..data import DataError, Split, TensorBatches
+from ..data import Split, TensorBatches
 from ..engine import accuracy, cpu_threads, fit, seed_everything
 from ..nn.mesa import MesaViT, set_mesa_enabled
 from ..testing import SavedBytesMeter
@@ -115,11 +114,9 @@ def run(ctx: RunContext) -> RunOutput:
 
 def _run(ctx: RunContext) -> RunOutput:
     if ctx.data_root is not None:
-        from ..data.real import mnist_split
+        from ..data.real import data_folder, mnist_split
 
-        root = Path(ctx.data_root)
-        if not root.is_dir():
-            raise DataError(f"--data-root {str(root)!r} is not a folder (expected one holding mnist/)")
+        root = data_folder(ctx.data_root, "mnist/")
         split = mnist_split(root, n_train=ctx.pick(smoke=500, quick=2000, full=60000),
                             n_test=ctx.pick(smoke=1000, quick=2000, full=None), normalise="global")
         split = Split(split.x_train, split.y_train, split.x_test, split.y_test, name="mnist")

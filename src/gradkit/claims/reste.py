@@ -10,13 +10,11 @@ and averaged per epoch; the claim uses its mean over the last 10 epochs.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
-from ..data import DataError, Split, TensorBatches, load_digits_split
-from ..data.real import mnist_split
+from ..data import Split, TensorBatches, load_digits_split
+from ..data.real import data_folder, mnist_split
 from ..engine import accuracy, configure_cpu, fit, seed_everything
 from ..nn.binary import BinaryLinear, set_estimator_param
 from ..probes.binary import estimating_error, gradient_stability
@@ -90,9 +88,7 @@ def _train_arm(arm: str, split: Split, epochs: int, ctx: RunContext) -> tuple[di
 def run(ctx: RunContext) -> RunOutput:
     configure_cpu()
     if ctx.data_root is not None:
-        root = Path(ctx.data_root)
-        if not root.is_dir():
-            raise DataError(f"--data-root {str(root)!r} is not a folder (expected one holding mnist/)")
+        root = data_folder(ctx.data_root, "mnist/")
         split = mnist_split(root, n_train=ctx.pick(smoke=1000, quick=6000, full=60000),
                                    n_test=ctx.pick(smoke=1000, quick=10000, full=10000))
         epochs = ctx.pick(smoke=2, quick=8, full=40)

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from .bundled import Split, standardise
+from .errors import DataError
 
 
 def mnist_split(root: str | Path, n_train: int, n_test: int | None = None, *, subset: str = "first",
@@ -44,3 +45,11 @@ def mnist_split(root: str | Path, n_train: int, n_test: int | None = None, *, su
         xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
     return Split(torch.tensor(xtr, dtype=torch.float32), torch.as_tensor(ytr[idx], dtype=torch.int64),
                  torch.tensor(xte, dtype=torch.float32), torch.as_tensor(yte, dtype=torch.int64), name="mnist")
+
+
+def data_folder(root: str | Path, expects: str) -> Path:
+    """``root`` (a ``--data-root``) as a Path, or a DataError saying it is not a folder and what it should hold."""
+    path = Path(root)
+    if not path.is_dir():
+        raise DataError(f"--data-root {str(path)!r} is not a folder (expected one holding {expects})")
+    return path
