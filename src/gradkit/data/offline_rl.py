@@ -346,7 +346,7 @@ def feature_cosine(features: Callable[[Tensor], Tensor], obs: Tensor, next_obs: 
     co-adaptation, the O-DICE paper's diagnostic); rows with a zero feature vector count as 0."""
     with torch.no_grad():
         a, b = features(obs), features(next_obs)
-        cos = nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-12)
+        cos = nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-12).clamp(-1.0, 1.0)
     return float(cos.mean())
 
 

@@ -49,7 +49,8 @@ def psnr(x: Tensor, x_hat: Tensor, data_range: float = 1.0) -> Tensor:
     """Peak signal-to-noise ratio per image in dB (capped at 100 dB for identical images)."""
     r = _range(data_range)
     e = mse(x, x_hat).clamp_min(1e-10 * r * r)
-    return 10 * torch.log10(r * r / e)
+    # the cap is part of the definition: rounding must not carry an identical pair past it
+    return (10 * torch.log10(r * r / e)).clamp_max(100.0)
 
 
 def _gauss(size: int, sigma: float, dtype, device) -> Tensor:
@@ -81,7 +82,8 @@ def ssim(x: Tensor, x_hat: Tensor, data_range: float = 1.0) -> Tensor:
     sxy = blur(x * x_hat) - mu_x * mu_y
     c1, c2 = (0.01 * r) ** 2, (0.03 * r) ** 2
     s = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (sxx + syy + c2))
-    return s.flatten(1).mean(dim=1)
+    # SSIM lies in [-1, 1] by definition; float rounding can step just past the bound
+    return s.flatten(1).mean(dim=1).clamp(-1.0, 1.0)
 
 
 def match_order(x: Tensor, x_hat: Tensor) -> list[int]:

@@ -516,7 +516,8 @@ def pearson_per_example(a: Tensor, b: Tensor, eps: float = 1e-12) -> Tensor:
     b = b.flatten(1).double()
     a = a - a.mean(1, keepdim=True)
     b = b - b.mean(1, keepdim=True)
-    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+    # a correlation lies in [-1, 1] by definition; rounding can step just past the bound
+    return ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)).clamp(-1.0, 1.0)
 
 
 def class_sensitivity(attribution, model: nn.Module, inputs: Tensor, internal_batch_size: int | None = None,
