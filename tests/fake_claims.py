@@ -4,16 +4,26 @@ fake-pass / fake-fail: instant, deterministic functions of the seed.
 fake-gate: seeds >= GRADKIT_FAKE_GATE_FROM wait until the file GRADKIT_FAKE_GATE exists.
 fake-barrier: every process waits until GRADKIT_FAKE_BARRIER_N processes have reached the barrier folder.
 fake-crash: raises.
+fake-control: its negative control passes too (INCONCLUSIVE); fake-ceiling: both arms at 100%.
 """
 import os
 import time
 from pathlib import Path
 
-from gradkit.claims import Claim, Gain, Primary, RunOutput, register
+from dataclasses import dataclass
+
+from gradkit.harness.claims import ArmResult, Claim, Drop, Gain, Primary, Protocol, register, scaled
 
 
-def _metrics(seed, gain):
-    return {"ours": {"acc": 50.0 + gain + seed % 3}, "base": {"acc": 50.0 + seed % 3}}
+@dataclass(frozen=True)
+class FakeProtocol(Protocol):
+    gain: float = 5.0
+    width: int = scaled(smoke=8, quick=16, full=32)
+
+
+def _arm_metrics(ctx, gain):
+    # ours gains ``gain`` over base; both vary with the seed
+    return {"acc": 50.0 + (gain if ctx.arm == "ours" else 0.0) + ctx.seed % 3}
 
 
 def _wait_for(cond, limit=120.0):
@@ -24,38 +34,56 @@ def _wait_for(cond, limit=120.0):
         time.sleep(0.02)
 
 
-def run_pass(ctx):
-    return RunOutput(metrics=_metrics(ctx.seed, 5.0), data="fake", curves={"acc": {"ours": [1, 2, 3], "base": [1, 1, 2]}},
-                     info={"curve_axes": {"acc": {"xlabel": "width", "x": [8, 16, 32]}},
-                           "images": {"recon": {"original": [[[0.0, 1.0], [1.0, 0.0]]] * 3,
-                                                "ours": [[[0.1, 0.9], [0.8, 0.2]]] * 2}}})
+def arm_pass(ctx):
+    return ArmResult(_arm_metrics(ctx, ctx.p.gain), curves={"acc": [1, 2, 3] if ctx.arm == "ours" else [1, 1, 2]})
 
 
-def run_fail(ctx):
-    return RunOutput(metrics=_metrics(ctx.seed, 0.5), data="fake")
+def finish_pass(ctx, out):
+    out.info.update({"curve_axes": {"acc": {"xlabel": "width", "x": [8, 16, 32]}},
+                     "images": {"recon": {"original": [[[0.0, 1.0], [1.0, 0.0]]] * 3,
+                                          "ours": [[[0.1, 0.9], [0.8, 0.2]]] * 2}}})
 
 
-def run_gate(ctx):
-    if ctx.seed >= int(os.environ.get("GRADKIT_FAKE_GATE_FROM", "2")):
+def arm_fail(ctx):
+    return ArmResult(_arm_metrics(ctx, 0.5))
+
+
+def arm_gate(ctx):
+    if ctx.seed >= int(os.environ.get("GRADKIT_FAKE_GATE_FROM", "2")) and ctx.arm == "ours":
         gate = Path(os.environ["GRADKIT_FAKE_GATE"])
         _wait_for(gate.exists)
-    return RunOutput(metrics=_metrics(ctx.seed, 5.0), data="fake")
+    return ArmResult(_arm_metrics(ctx, ctx.p.gain))
 
 
-def run_barrier(ctx):
-    folder = Path(os.environ["GRADKIT_FAKE_BARRIER"])
-    n = int(os.environ.get("GRADKIT_FAKE_BARRIER_N", "2"))
-    (folder / f"{os.getpid()}").touch()
-    _wait_for(lambda: len(list(folder.iterdir())) >= n)
-    return RunOutput(metrics=_metrics(ctx.seed, 5.0), data="fake")
+def arm_barrier(ctx):
+    if ctx.arm == "ours":
+        folder = Path(os.environ["GRADKIT_FAKE_BARRIER"])
+        n = int(os.environ.get("GRADKIT_FAKE_BARRIER_N", "2"))
+        (folder / f"{os.getpid()}").touch()
+        _wait_for(lambda: len(list(folder.iterdir())) >= n)
+    return ArmResult(_arm_metrics(ctx, ctx.p.gain))
 
 
-def run_crash(ctx):
+def arm_crash(ctx):
     raise RuntimeError("boom")
 
 
-for slug, fn in (("fake-pass", run_pass), ("fake-fail", run_fail), ("fake-gate", run_gate),
-                 ("fake-barrier", run_barrier), ("fake-crash", run_crash)):
+def arm_ceiling(ctx):
+    return ArmResult({"acc": 100.0 if ctx.arm == "ours" else 99.8})
+
+
+for slug, fn, crit in (
+        ("fake-pass", arm_pass, Gain("acc", "ours", "base", 2.0)),
+        ("fake-fail", arm_fail, Gain("acc", "ours", "base", 2.0)),
+        ("fake-gate", arm_gate, Gain("acc", "ours", "base", 2.0)),
+        ("fake-barrier", arm_barrier, Gain("acc", "ours", "base", 2.0)),
+        ("fake-crash", arm_crash, Gain("acc", "ours", "base", 2.0)),
+        # non-inferiority alone: the baseline standing in for ours passes it too -> INCONCLUSIVE
+        ("fake-control", arm_pass, Drop("acc", "ours", "base", 1.0)),
+        # ours beats base, but both sit at the 100% ceiling -> INCONCLUSIVE
+        ("fake-ceiling", arm_ceiling, Gain("acc", "ours", "base", 0.1))):
     register(Claim(slug=slug, title=f"Fake {slug}", arxiv="0000.00000", statement="ours beats base by 2",
-                   paper_figure="+2", criterion=Gain("acc", "ours", "base", 2.0),
-                   primary=Primary("acc", "ours", "base", "%"), run=fn, plots=("acc",)))
+                   paper_figure="+2", criterion=crit, protocol=FakeProtocol, data="fake",
+                   arms={"base": fn, "ours": fn}, finish=finish_pass if fn is arm_pass else None,
+                   primary=Primary("acc", "ours", "base", "%", ceiling=100.0), plots=("acc",) if fn is arm_pass else (),
+                   threads=None))

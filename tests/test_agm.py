@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradkit.nn.modulation import (AGM, MAX_MODALITIES, AGMController, FusionMLP, GradientScale, GradScale,
-                                   ModulatedFusion, grad_scale, modality_scores, modulated_fusion,
+from gradkit.functional.scale import GradScale, ModulatedFusion, grad_scale, modulated_fusion
+from gradkit.nn.modulation import (AGM, MAX_MODALITIES, AGMController, FusionMLP, GradientScale, modality_scores,
                                    shapley_outputs, shapley_weights, subset_outputs)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -241,7 +241,7 @@ def test_attribution_errors():
         shapley_outputs(lambda a, v: (a, v), [a, v])
     with pytest.raises(ValueError, match="model output must have shape"):
         shapley_outputs(lambda a, v: a.sum(), [a, v])
-    with pytest.raises(ValueError, match="num_modalities must be in"):
+    with pytest.raises(ValueError, match="num_modalities must be an int in"):
         shapley_weights(0)
 
 
@@ -349,7 +349,7 @@ def test_controller_invariants():
     ctrl = AGMController(2, alpha=2.0)
     for _ in range(3):
         ctrl.coefficients([0.4, 0.9])
-    # scores equal to the running means: r = rb, k = 1 (spec smoke check)
+    # scores equal to the running means: r = rb, k = 1
     k = ctrl.coefficients(list(ctrl.running_means), update=False)
     assert k == pytest.approx([1.0, 1.0], abs=1e-15) and all(math.isfinite(x) for x in k)
     # a modality doing better than its average relative to the others is slowed, the other boosted
@@ -380,7 +380,7 @@ def test_controller_state_and_reset():
 
 
 @pytest.mark.parametrize("kw, exc, match", [
-    (dict(num_modalities=1), ValueError, r"num_modalities must be in \[2, 8\], got 1"),
+    (dict(num_modalities=1), ValueError, r"num_modalities must be an int in \[2, 8\], got 1"),
     (dict(num_modalities=True), TypeError, "num_modalities must be an int"),
     (dict(num_modalities=2, alpha=-1.0), ValueError, "alpha must be finite and >= 0"),
     (dict(num_modalities=2, alpha=float("nan")), ValueError, "alpha must be finite"),
@@ -542,7 +542,7 @@ def test_agm_bad_input():
     assert agm.controller.steps == 0
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         AGM(lambda a, v: a, 2)
-    with pytest.raises(ValueError, match="num_modalities must be in"):
+    with pytest.raises(ValueError, match="num_modalities must be an int in"):
         AGM(net, 1)
     with pytest.raises(ValueError, match="alpha must be finite"):
         AGM(net, 2, alpha=float("nan"))
@@ -615,59 +615,60 @@ def test_shortcut_digits():
 
 
 # ------------------------------------------------------------------------------------------- claim
-@pytest.fixture(scope="module")
-def smoke_output():
-    from gradkit.claims.agm import run
-    from gradkit.claims.base import RunContext
-
-    return run(RunContext(scale="smoke", seed=0))
-
-
 def test_claim_registered():
-    from gradkit.claims import get_claim
+    from gradkit.harness.claims import get_claim
 
     claim = get_claim("agm")
     assert claim.arxiv == "2308.07686" and claim.primary.ours == "agm_early" and claim.primary.baseline == "joint_early"
     assert len(claim.criterion.criteria) == 4  # two checks per fusion variant
+    assert claim.control == {"agm_early": "joint_early", "agm_late": "joint_late"}
     for dotted in claim.uses:
         mod, name = dotted.rsplit(".", 1)
         assert hasattr(importlib.import_module(mod), name), dotted
 
 
-def test_claim_smoke(smoke_output):
-    from gradkit.claims.agm import ARMS, CLAIM
+def test_claim_smoke(smoke_run):
+    from gradkit.harness.claims.agm import CLAIM
 
-    out = smoke_output
-    assert out.data == "shortcut-digits" and set(out.metrics) == set(ARMS)
+    out = smoke_run("agm")
+    epochs = CLAIM.protocol.at("smoke").epochs
     for arm, m in out.metrics.items():
-        assert all(math.isfinite(v) for v in m.values()), (arm, m)
-        assert 30.0 <= m["test_acc"] <= 100.0 and 0.0 <= m["phi_v_acc"] <= 100.0, (arm, m)
-        assert len(out.curves["test_acc"][arm]) == 3
+        assert m["test_acc"] >= 30.0, (arm, m)
+        assert len(out.curves["test_acc"][arm]) == epochs
         if arm != "v_only":
-            assert m["sum_phi_err"] <= 1e-5  # spec smoke check: sum_m phi_m == f(all)
-            assert 0.0 <= m["phi_a_acc"] <= 100.0
+            assert m["sum_phi_err"] <= 1e-5  # sum_m phi_m == f(all)
         if arm.startswith("agm"):
             assert m["k_a_mean"] > 0 and m["k_v_mean"] > 0  # coefficients finite and positive
     assert out.metrics["v_only"]["phi_v_acc"] == out.metrics["v_only"]["test_acc"]
-    ok, checks = CLAIM.criterion_for(out.data).evaluate([out.metrics])
-    assert len(checks) == 4 and isinstance(ok, bool)
 
 
-def test_claim_smoke_is_bit_reproducible(smoke_output):
-    from gradkit.claims.agm import _train_arm
-    from gradkit.claims.base import RunContext
-    from gradkit.data.multimodal import load_shortcut_digits
-    from gradkit.engine import cpu_threads
+def test_claim_smoke_is_bit_reproducible(smoke_run):
+    from gradkit.harness.claims.agm import CLAIM
+    from gradkit.harness.claims.base import RunContext
 
-    with cpu_threads(1):
-        m, _, _ = _train_arm("agm_late", load_shortcut_digits(), 3, RunContext(scale="smoke", seed=0))
-    assert m == smoke_output.metrics["agm_late"]
+    again = CLAIM.run(RunContext(scale="smoke", seed=0))
+    assert again.metrics == smoke_run("agm").metrics
+
+
+def test_claim_alpha_override_reaches_the_arms(smoke_run):
+    # alpha = 0 makes every k_m = exp(0) = 1: the AGM arms then train exactly as joint training
+    from gradkit.harness.claims.agm import CLAIM
+    from gradkit.harness.claims.base import RunContext
+
+    out = CLAIM.run(RunContext(scale="smoke", seed=0, overrides={"alpha": 0.0}))
+    assert out.info["overrides"] == {"alpha": 0.0}
+    for f in ("early", "late"):
+        for k in ("test_acc", "phi_v_acc", "phi_a_acc"):
+            assert out.metrics[f"agm_{f}"][k] == out.metrics[f"joint_{f}"][k], (f, k)
+    default = smoke_run("agm").metrics
+    assert out.metrics["agm_early"] != default["agm_early"]  # the override did change the AGM arm
+    assert out.metrics["agm_late_a2.5"] == default["agm_late_a2.5"]  # alpha_secondary untouched
 
 
 # --------------------------------------------------------------------------------- bench, docs, cuda
 def test_benchmarks_registered_and_run():
-    import gradkit.benchmarks.agm  # noqa: F401
-    from gradkit.bench import BENCHMARKS
+    import gradkit.harness.benchmarks.agm  # noqa: F401
+    from gradkit.harness.bench import BENCHMARKS
 
     for name in ("agm-step", "agm-modulation-overhead"):
         b = BENCHMARKS.get(name)

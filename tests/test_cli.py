@@ -155,7 +155,8 @@ def test_report_from_database(tmp_path):
     r = gk("report", "--out", str(out), db=db)
     assert r.returncode == 0, r.stderr
     md = (out / "report.md").read_text()
-    assert "| fake-pass | quick | fake |" in md and "PASS" in md and "FAIL" in md
+    assert "| [fake-pass](#fake-pass-quick-bundled) | quick | fake |" in md and "PASS" in md and "FAIL" in md
+    assert "Negative control" in md and "**Protocol:**" in md
     assert (out / "report.html").exists()
     png = out / "plots" / "fake-pass-quick-bundled-acc.png"
     assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
@@ -181,3 +182,89 @@ def test_bench_runs_stores_and_reports(tmp_path):
     assert "clock=cpu" in r.stdout  # the clock is recorded with the result
     r = gk("bench", "dann-grl-step", "--repeats", "1", db=db)
     assert r.returncode == 2 and "--repeats must be >= 3" in r.stderr
+
+
+def test_set_overrides_are_checked_stored_apart_and_labelled(tmp_path):
+    db = tmp_path / "r.db"
+    assert gk("run", "fake-pass", "--seeds", "2", db=db).returncode == 0
+    r = gk("run", "fake-pass", "--seeds", "2", "--set", "gain=1", "--json", "--resume", db=db)
+    assert r.returncode == 1, r.stderr  # gain 1 < the criterion's 2: a real FAIL, not the stored PASS
+    (c,) = json.loads(r.stdout)["claims"]
+    assert c["overrides"] == "gain=1.0" and c["protocol"]["gain"] == 1.0 and c["verdict"] == "FAIL"
+    assert c["stats"]["ours"]["acc"]["mean"] == pytest.approx(51.5)
+    assert rows(db, "SELECT overrides FROM runs ORDER BY id") == [("",), ("",), ("gain=1.0",), ("gain=1.0",)]
+    # the default runs are resumed without the overridden ones
+    r = gk("run", "fake-pass", "--seeds", "2", "--resume", "--json", db=db)
+    (c,) = json.loads(r.stdout)["claims"]
+    assert r.returncode == 0 and c["overrides"] == "" and c["stats"]["ours"]["acc"]["mean"] == pytest.approx(55.5)
+    assert len(rows(db)) == 4
+    out = tmp_path / "rep"
+    assert gk("report", "--out", str(out), db=db).returncode == 0
+    md = (out / "report.md").read_text()
+    assert "fake-pass [set gain=1.0]" in md and "| [fake-pass](#fake-pass-quick-bundled) | quick |" in md
+
+
+@pytest.mark.parametrize("setting, needle", [
+    ("nope=1", "unknown protocol field 'nope'"),
+    ("gain=abc", "protocol field 'gain' expects float"),
+    ("width=1.5", "protocol field 'width' expects int"),
+    ("gain", "--set expects field=value"),
+])
+def test_set_bad_values_exit_2_one_line(tmp_path, setting, needle):
+    r = gk("run", "fake-pass", "--set", setting, db=tmp_path / "r.db")
+    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_inconclusive_when_the_control_passes_or_at_ceiling(tmp_path):
+    for slug, why in (("fake-control", "the control (base for ours) passes the same criterion"),
+                      ("fake-ceiling", "within 0.5 of the ceiling 100")):
+        r = gk("run", slug, "--seeds", "2", "--json", db=tmp_path / "r.db")
+        assert r.returncode == 1, r.stderr  # INCONCLUSIVE does not count as holding
+        (c,) = json.loads(r.stdout)["claims"]
+        assert c["verdict"] == "INCONCLUSIVE" and why in c["reason"]
+        assert all(k["passed"] for k in c["checks"])
+    (c,) = json.loads(gk("run", "fake-pass", "--seeds", "2", "--json", db=tmp_path / "r.db").stdout)["claims"]
+    assert c["verdict"] == "PASS" and c["control"]["passed"] is False
+
+
+def test_show_prints_the_protocol(tmp_path):
+    r = gk("show", "fake-pass", db=tmp_path / "r.db")
+    assert r.returncode == 0
+    assert "protocol (bundled" in r.stdout
+    line = next(ln for ln in r.stdout.splitlines() if ln.strip().startswith("width"))
+    assert line.split()[1:] == ["int", "8", "16", "32"]
+    info = json.loads(gk("show", "dann", "--json", db=tmp_path / "r.db").stdout)
+    assert info["protocol"]["bundled"]["lambda_max"]["quick"] == "6.0"
+    assert info["protocol"]["mnist->mnist-m"]["steps"]["quick"] == "500"
+
+
+def test_reproduce_writes_the_report_and_ends_with_the_summary_line(tmp_path):
+    db, out = tmp_path / "r.db", tmp_path / "rep"
+    r = gk("reproduce", "--only", "fake-pass", "fake-fail", "--seeds", "2", "--report-dir", str(out), db=db)
+    assert r.returncode == 1, r.stderr  # one claim fails: the status says so
+    assert r.stdout.strip().splitlines()[-1] == "1 of 2 claim results hold at quick scale (1 FAIL, 0 INCONCLUSIVE)"
+    assert (out / "report.html").is_file() and (out / "report.md").is_file()
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\nNow: <!-- gradkit:summary -->old<!-- /gradkit:summary -->.\n")
+    r = gk("summary", "--readme", str(readme), db=db)
+    assert r.returncode == 0 and "1 of 2 claim results hold" in r.stdout
+    assert readme.read_text() == ("# x\n\nNow: <!-- gradkit:summary -->1 of 2 claim results hold at quick scale "
+                                  "(1 FAIL, 0 INCONCLUSIVE)<!-- /gradkit:summary -->.\n")
+
+
+def test_report_and_summary_errors_exit_2_one_line(tmp_path):
+    db = tmp_path / "r.db"
+    assert gk("run", "fake-pass", "--seeds", "1", db=db).returncode == 0
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for args, needle in ((("report", "--out", str(a_file)), "is not a folder"),
+                         (("report", "--out", str(a_file / "sub")), "cannot create the folder"),
+                         (("report", "--db", str(tmp_path / "missing.db")), "does not exist"),
+                         (("summary", "--db", str(tmp_path / "missing.db")), "does not exist"),
+                         (("summary", "--readme", str(a_file)), "no <!-- gradkit:summary -->"),
+                         (("reproduce", "--only", "fake-pass", "--report-dir", str(a_file)), "is not a folder")):
+        r = gk(*args, db=db)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert needle in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "missing.db").exists()

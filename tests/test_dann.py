@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradkit.claims import CLAIMS, RunContext
+from gradkit.harness.claims import CLAIMS, RunContext
 from gradkit.data import DataError
 from gradkit.data.moons import make_moons_domains
 from gradkit.functional.reversal import GradReverse, grad_reverse
@@ -25,7 +25,7 @@ DATA = Path(os.environ.get("GRADKIT_TEST_DATA", REPO / ".." / "shared" / "data")
 
 @pytest.fixture(scope="module")
 def dann_claim():
-    import gradkit.claims.dann as mod
+    import gradkit.harness.claims.dann as mod
 
     return mod
 
@@ -380,26 +380,30 @@ def test_claim_registered(dann_claim):
     assert c is dann_claim.CLAIM
     assert c.arxiv == "1505.07818"
     assert c.primary.ours == "dann" and c.primary.baseline == "source_only"
-    assert set(c.data_criteria) == {"mnist->mnist-m", "amazon"}
+    assert [v.name for v in c.variants] == ["mnist->mnist-m", "amazon"]
+    assert c.variant_for("quick", DATA).name == "mnist->mnist-m" and c.variant_for("full", DATA).name == "amazon"
+    assert c.variant_for("quick", None) is None
     assert "target_acc" in c.plots
 
 
-def test_claim_smoke(dann_claim):
-    ctx = RunContext(scale="smoke", seed=0)
-    out = dann_claim.CLAIM.run(ctx)
+def test_claim_smoke(dann_claim, smoke_run):
+    out = smoke_run("dann")
     assert out.data == "moons"
-    assert set(out.metrics) == {"source_only", "dann"}
-    for arm, m in out.metrics.items():
-        for k in ("target_acc", "source_acc", "target_heldout_acc"):
-            assert math.isfinite(m[k]) and 0.0 <= m[k] <= 100.0, (arm, k, m[k])
-        assert 0.0 <= m["pad"] <= 2.0
-        assert len(out.curves["target_acc"][arm]) == 10
-    assert math.isfinite(out.metrics["dann"]["domain_loss"]) and out.metrics["dann"]["domain_loss"] > 0
-    ok, checks = dann_claim.CLAIM.criterion_for(out.data).evaluate([out.metrics])
-    assert isinstance(ok, bool) and len(checks) == 2
+    for arm in ("source_only", "dann"):
+        assert len(out.curves["target_acc"][arm]) == dann_claim.CLAIM.protocol.at("smoke").epochs
+    assert out.metrics["dann"]["domain_loss"] > 0
     # reruns are bit-identical on CPU
-    again = dann_claim.CLAIM.run(ctx)
+    again = dann_claim.CLAIM.run(RunContext(scale="smoke", seed=0))
     assert again.metrics == out.metrics
+
+
+def test_claim_protocol_override_reaches_the_arms(dann_claim, smoke_run):
+    # lambda_max = 0 switches the domain term off: the DANN arm then trains exactly as source-only
+    out = dann_claim.CLAIM.run(RunContext(scale="smoke", seed=0, overrides={"lambda_max": 0.0}))
+    assert out.info["overrides"] == {"lambda_max": 0.0} and out.info["protocol"]["lambda_max"] == 0.0
+    for k in ("target_acc", "source_acc", "target_heldout_acc"):
+        assert out.metrics["dann"][k] == out.metrics["source_only"][k]
+    assert out.metrics != smoke_run("dann").metrics
 
 
 def test_claim_missing_real_data_raises(dann_claim, tmp_path):
@@ -415,13 +419,13 @@ def test_claim_smoke_real_data(dann_claim):
     for m in out.metrics.values():
         assert 0.0 <= m["target_acc"] <= 100.0 and 0.0 <= m["source_acc"] <= 100.0
     assert math.isfinite(out.metrics["dann"]["domain_loss"])
-    assert dann_claim.CLAIM.criterion_for(out.data) is dann_claim.CLAIM.data_criteria["mnist->mnist-m"]
+    assert dann_claim.CLAIM.criterion_for(out.data) is dann_claim.CLAIM.variants[0].criterion
 
 
 # ------------------------------------------------------------------------ benchmark and docs
 def test_benchmark_registered_and_runs():
-    import gradkit.benchmarks.dann as bench_mod
-    from gradkit.bench import BENCHMARKS
+    import gradkit.harness.benchmarks.dann as bench_mod
+    from gradkit.harness.bench import BENCHMARKS
 
     b = BENCHMARKS.get("dann-grl-step")
     assert b.slug == "dann" and b.target == 1.05

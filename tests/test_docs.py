@@ -22,12 +22,19 @@ def test_page_examples_run(page, tmp_path, monkeypatch):
     missing = sorted({m for code in blocks for m in IMPORT.findall(code) if importlib.util.find_spec(m) is None})
     if missing:
         pytest.skip(f"examples need {', '.join(missing)} (optional), not installed")
-    for code in blocks:
-        exec(compile(code, page.relative_to(REPO).as_posix(), "exec"), namespace)
+    from gradkit.harness.claims import CLAIMS
+
+    before = set(CLAIMS.names())
+    try:
+        for code in blocks:
+            exec(compile(code, page.relative_to(REPO).as_posix(), "exec"), namespace)
+    finally:  # a page that registers an example claim leaves the registry as it found it
+        for name in set(CLAIMS.names()) - before:
+            CLAIMS.remove(name)
 
 
 def test_every_paper_page_has_an_example():
-    from gradkit.claims import CLAIMS, load_claims
+    from gradkit.harness.claims import CLAIMS, load_claims
 
     load_claims()
     for slug in CLAIMS.names():

@@ -331,48 +331,43 @@ def test_replace_bn_relu_wiring():
 
 
 # ---------------------------------------------------------------------------------------- claim
-@pytest.fixture(scope="module")
-def smoke_output():
-    from gradkit.claims.base import RunContext
-    from gradkit.claims.evonorm import run
-
-    return run(RunContext(scale="smoke", seed=0))
-
-
 def test_claim_registered():
-    from gradkit.claims import get_claim
+    from gradkit.harness.claims import get_claim
 
     claim = get_claim("evonorm")
     assert claim.arxiv == "2004.02967" and claim.primary.ours == "s0_b2" and claim.primary.baseline == "bn_relu_b2"
-    assert "usps" in claim.data_criteria
+    assert [v.name for v in claim.variants] == ["usps"]
+    assert claim.resolve(claim.variants[0]).control == {"s0_b2": "bn_relu_b2"}
     for dotted in claim.uses:
         mod, name = dotted.rsplit(".", 1)
         assert hasattr(importlib.import_module(mod), name), dotted
 
 
-def test_claim_smoke(smoke_output):
-    from gradkit.claims.evonorm import ARMS, CLAIM, SMALL_ARMS
+def test_claim_smoke(smoke_run):
+    from gradkit.harness.claims.base import RunContext
+    from gradkit.harness.claims.evonorm import ARMS, CLAIM, SMALL_ARMS
 
-    out = smoke_output
-    assert out.data == "digits" and set(out.metrics) == set(ARMS)
-    for arm, m in out.metrics.items():
-        assert all(math.isfinite(v) for v in m.values()), (arm, m)
-        assert 0.0 <= m["test_acc"] <= 100.0 and m["train_loss"] > 0
+    out = smoke_run("evonorm")
+    assert out.data == "digits" and list(out.metrics) == list(ARMS)
+    assert out.info["n_train"] == CLAIM.protocol.at("smoke").n_train
     for arm in SMALL_ARMS:  # 150 steps at batch 2: the loss decreases
         assert out.metrics[arm]["loss_last"] < out.metrics[arm]["loss_first"], arm
     assert set(out.curves["step_loss"]) == set(ARMS)
     ok, checks = CLAIM.criterion_for(out.data).evaluate([out.metrics])
     assert len(checks) == 4 and isinstance(ok, bool)
+    # reruns are bit-identical on CPU
+    assert CLAIM.run(RunContext(scale="smoke", seed=0)).metrics == out.metrics
 
 
 def test_claim_models_use_evonorm():
-    from gradkit.claims.evonorm import build_resnet
+    from gradkit.harness.claims.evonorm import build_resnet
 
     s0 = build_resnet("s0")
     kinds = [type(m) for m in s0.modules()]
     assert EvoNormS0 in kinds and nn.BatchNorm2d not in kinds and nn.ReLU not in kinds
     assert sum(isinstance(m, EvoNormS0) and not m.apply_act for m in s0.modules()) == 5  # 3 branch ends + 2 shortcuts
     assert all(m.groups == 8 for m in s0.modules() if isinstance(m, EvoNormS0))
+    assert all(m.groups == 4 for m in build_resnet("s0", groups=4).modules() if isinstance(m, EvoNormS0))
     assert EvoNormB0 in [type(m) for m in build_resnet("b0").modules()]
     assert build_resnet("gn")(torch.randn(2, 1, 16, 16)).shape == (2, 10)
     with pytest.raises(ValueError, match="norm must be"):
@@ -380,14 +375,14 @@ def test_claim_models_use_evonorm():
 
 
 def test_claim_usps_missing_folder(tmp_path):
-    from gradkit.claims.base import RunContext
-    from gradkit.claims.evonorm import run
+    from gradkit.harness.claims.base import RunContext
+    from gradkit.harness.claims.evonorm import CLAIM
     from gradkit.data import DataError
 
     with pytest.raises(DataError):
-        run(RunContext(scale="smoke", seed=0, data_root=tmp_path / "nope"))
+        CLAIM.run(RunContext(scale="smoke", seed=0, data_root=tmp_path / "nope"))
     with pytest.raises(DataError):
-        run(RunContext(scale="smoke", seed=0, data_root=tmp_path))
+        CLAIM.run(RunContext(scale="smoke", seed=0, data_root=tmp_path))
 
 
 def test_claim_usps_real_data():
@@ -396,19 +391,20 @@ def test_claim_usps_real_data():
     root = Path(os.environ.get("GRADKIT_TEST_DATA", REPO.parent / "shared" / "data"))
     if not (root / "usps").is_dir():
         pytest.skip(f"no USPS under {root}")
-    from gradkit.claims.base import RunContext
-    from gradkit.claims.evonorm import SMALL_ARMS, run
+    from gradkit.harness.claims.base import RunContext
+    from gradkit.harness.claims.evonorm import CLAIM, SMALL_ARMS
 
-    out = run(RunContext(scale="smoke", seed=0, data_root=root))
+    out = CLAIM.run(RunContext(scale="smoke", seed=0, data_root=root))
     assert out.data == "usps" and set(out.metrics) == set(SMALL_ARMS)
     assert out.info["n_train"] == 100 and out.info["n_test"] == 2007
     assert all(math.isfinite(v) for m in out.metrics.values() for v in m.values())
+    assert CLAIM.criterion_for(out.data) is CLAIM.variants[0].criterion
 
 
 # ---------------------------------------------------------------------------------------- benchmark, docs, device
 def test_benchmark_registered_and_runs():
-    import gradkit.benchmarks.evonorm  # noqa: F401
-    from gradkit.bench import BENCHMARKS
+    import gradkit.harness.benchmarks.evonorm  # noqa: F401
+    from gradkit.harness.bench import BENCHMARKS
 
     names = [n for n in BENCHMARKS.names() if BENCHMARKS.get(n).slug == "evonorm"]
     assert len(names) == 2

@@ -1,16 +1,17 @@
 """Registry, criteria, engine, batching, results store, testing oracles."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from gradkit.claims import AllFinite, AllOf, AtLeast, AtMost, Below, Drop, Gain, Monotonic
+from gradkit.harness.claims import AllFinite, AllOf, AtLeast, AtMost, Below, Drop, Gain, Monotonic
 from gradkit.data import TensorBatches
 from gradkit.engine import History, accuracy, fit, resolve_device, seed_everything
 from gradkit.registry import Registry
-from gradkit.results import ResultStore, RunRecord, StoreError
-from gradkit.suite import parse_seeds
+from gradkit.harness.results import ResultStore, RunRecord, StoreError
+from gradkit.harness.suite import parse_seeds
 from gradkit.testing import SavedBytesMeter, assert_no_hooks_left, assert_same_grads, count_hooks, param_grads
 
 
@@ -45,7 +46,32 @@ def test_criteria_compare_seed_means():
     both = AllOf(Gain("acc", "ours", "base", 10.0), Monotonic("gs", ("base", "ours")))
     ok, checks = both.evaluate(SEEDS)
     assert not ok and [c.passed for c in checks] == [True, False]
-    assert "gain +11" in checks[0].detail
+    assert "diff +11" in checks[0].detail
+
+
+def test_compare_is_the_one_comparison_and_within():
+    from gradkit.harness.claims import Compare, Within
+
+    assert isinstance(Gain("acc", "ours", "base", 1.0), Compare) and isinstance(Below("acc", "ours", 1.0), Compare)
+    assert Compare("acc", "ours", ">", "base", margin=10.9).evaluate(SEEDS)[0]
+    assert not Compare("acc", "ours", ">", "base", margin=11.0).evaluate(SEEDS)[0]
+    assert Compare("gs", "ours", "<=", 1.25).evaluate(SEEDS)[0]
+    assert Compare("gs", "ours", "<", 1.6, every_seed=True).evaluate(SEEDS)[0]
+    assert not Compare("gs", "ours", "<", 1.5, every_seed=True).evaluate(SEEDS)[0]
+    assert Gain("acc", "ours", "base", 10.0).describe() == "acc: ours >= base + 10"
+    assert Drop("acc", "ours", "base", 1.0).describe() == "acc: ours >= base - 1"
+    assert Below("acc", "base", 73.0).describe() == "acc[base] < 73 (every seed)"
+    with pytest.raises(ValueError, match="op must be one of"):
+        Compare("acc", "ours", "=>", "base")
+    with pytest.raises(ValueError, match="every_seed"):
+        Compare("acc", "ours", ">=", "base", every_seed=True)
+    assert Within("acc", "ours", "base", 11.0).evaluate(SEEDS)[0]  # |82 - 71| = 11
+    assert not Within("acc", "ours", "base", 10.9).evaluate(SEEDS)[0]
+    assert Within("acc", "base", "ours", 11.0).describe() == "acc: |base - ours| <= 11"
+    with pytest.raises(ValueError, match="tol"):
+        Within("acc", "a", "b", -1.0)
+    nan = [{"ours": {"acc": float("nan")}, "base": {"acc": 1.0}}]
+    assert not Within("acc", "ours", "base", 1e9).evaluate(nan)[0]
 
 
 def test_criteria_nan_fails_and_missing_is_clear():
@@ -151,7 +177,7 @@ def test_store_round_trip_and_nan(tmp_path):
     assert got.metrics["ours"]["acc"] == 3.0
     first = s.runs()[0]
     assert math.isnan(first.metrics["ours"]["acc"]) and first.curves == {"c": {"ours": [1.0, 2.0]}}
-    assert s.groups() == [("x", 1, "quick", "bundled")]
+    assert s.groups() == [("x", 1, "quick", "bundled", "")]
     assert s.latest_per_seed("x", 2, "quick", "bundled") == {}
 
 
@@ -189,7 +215,7 @@ def test_testing_oracles():
 def test_every_claim_is_complete_and_its_components_resolve():
     import importlib
 
-    from gradkit.claims import CLAIMS, load_claims
+    from gradkit.harness.claims import CLAIMS, load_claims
 
     load_claims()
     assert {"dann", "gradient-noise", "reste"} <= set(CLAIMS.names())
@@ -214,7 +240,7 @@ def test_fit_drives_lbfgs_with_a_closure():
 
 
 def test_at_least_k_of():
-    from gradkit.claims import AtLeastKOf
+    from gradkit.harness.claims import AtLeastKOf
 
     c = AtLeastKOf(2, (Gain("acc", "ours", "base", 10.0), Gain("acc", "ours", "base", 12.0),
                        Drop("gs", "base", "ours", 0.0)))
@@ -223,25 +249,76 @@ def test_at_least_k_of():
     assert not AtLeastKOf(3, c.criteria).evaluate(SEEDS)[0]
 
 
-def test_real_data_field_means_a_real_data_variant():
-    from gradkit.claims import CLAIMS, load_claims
+def test_runner_seeds_every_arm_times_it_and_stores_the_protocol():
+    from dataclasses import dataclass
 
-    load_claims()
-    for slug, c in CLAIMS.items():
-        assert not c.real_data.lower().startswith("none"), f"{slug}: leave real_data empty when there is none"
+    from gradkit.harness.claims import ArmResult, Claim, Primary, Protocol, RunContext, Variant, scaled
+
+    @dataclass(frozen=True)
+    class P(Protocol):
+        n: int = scaled(smoke=2, quick=3)
+        lr: float = 0.1
+
+    seen = []
+
+    def arm(ctx):
+        # the runner re-seeds before every arm: each draws the same numbers
+        draw = torch.rand(2).tolist() + torch.rand(1, generator=ctx.generator).tolist()
+        seen.append((ctx.arm, draw, ctx.p.n, ctx.data))
+        return ArmResult({"acc": 50.0 + len(ctx.arm)}, {"loss": [1.0] * ctx.p.n})
+
+    def finish(ctx, out):
+        out.metrics["b"]["extra"] = 1.0
+
+    c = Claim(slug="t", title="t", arxiv="0", statement="s", paper_figure="f",
+              criterion=Gain("acc", "bb", "a", 0.5), primary=Primary("acc", "bb", "a"), protocol=P,
+              arms={"a": arm, "bb": arm, "b": arm}, data="toy", setup=lambda ctx: ctx.p.n * 10, finish=finish,
+              variants=(Variant("real-toy", "toy/ folder", scales=("quick",), overrides={"n": 7}),))
+    out = c.run(RunContext(scale="smoke", seed=3))
+    assert [s[0] for s in seen] == ["a", "bb", "b"] and seen[0][1] == seen[1][1] == seen[2][1]
+    assert all(s[2] == 2 and s[3] == 20 for s in seen)
+    assert out.data == "toy" and out.metrics["b"]["extra"] == 1.0 and out.curves["loss"]["a"] == [1.0, 1.0]
+    assert out.info["protocol"] == {"n": 2, "lr": 0.1} and out.info["overrides"] == {}
+    assert set(out.info["seconds_per_arm"]) == {"a", "bb", "b"}
+    out = c.run(RunContext(scale="quick", seed=0, data_root=Path("."), overrides={"lr": 1}))
+    assert out.data == "real-toy" and out.info["protocol"] == {"n": 7, "lr": 1.0}
+    assert out.info["overrides"] == {"lr": 1.0}
+    assert c.variant_for("smoke", Path(".")) is None  # the variant lists only quick
+    with pytest.raises(ValueError, match="unknown protocol field 'nope'"):
+        c.run(RunContext(scale="smoke", seed=0, overrides={"nope": 1}))
 
 
-def test_run_arms_collects_metrics_curves_and_seconds():
-    from gradkit.claims.base import run_arms
+def test_protocol_types_and_overrides():
+    from dataclasses import dataclass
 
-    metrics, curves, seconds = run_arms(("a", "b"), lambda arm: ({"acc": len(arm)}, {"loss": [1.0, 0.5]}))
-    assert metrics == {"a": {"acc": 1}, "b": {"acc": 1}}
-    assert curves == {"loss": {"a": [1.0, 0.5], "b": [1.0, 0.5]}}
-    assert set(seconds) == {"a", "b"} and all(s >= 0 for s in seconds.values())
+    from gradkit.harness.protocol import ProtocolError, parse_overrides, protocol_table
+
+    from gradkit.harness.claims import Protocol, scaled
+
+    @dataclass(frozen=True)
+    class P(Protocol):
+        epochs: int = scaled(smoke=1, quick=10, full=100)
+        lr: float = 0.1
+        lrs: tuple[float, ...] = (0.1, 0.3)
+        mode: str = "a"
+        cap: int | None = None
+        on: bool = True
+
+    assert P.at("full").epochs == 100 and P.at("quick").epochs == 10
+    got = parse_overrides(P, ["lr=1", "lrs=0.5,1", "mode=b", "cap=None", "on=false", "epochs=3"])
+    assert got == {"lr": 1.0, "lrs": (0.5, 1.0), "mode": "b", "cap": None, "on": False, "epochs": 3}
+    assert parse_overrides(P, ["lrs=0.2"]) == {"lrs": (0.2,)} and parse_overrides(P, ["cap=4"]) == {"cap": 4}
+    for bad, msg in (("epochs=1.5", "expects int"), ("lr=x", "expects float"), ("on=2", "expects bool"),
+                     ("lr=nan", "finite"), ("zz=1", "unknown protocol field"), ("lr", "field=value")):
+        with pytest.raises(ProtocolError, match=msg):
+            parse_overrides(P, [bad])
+    with pytest.raises(ValueError, match="scale must be one of"):
+        P.at("huge")
+    assert protocol_table(P)[0] == ("epochs", "int", "1", "10", "100")
 
 
 def test_compare_steps_uses_the_chosen_clock(monkeypatch):
-    from gradkit import bench
+    from gradkit.harness import bench
 
     ticks = iter(range(1000))
     monkeypatch.setitem(bench.CLOCKS, "cpu", lambda: float(next(ticks)))  # each reading advances by 1
@@ -258,3 +335,27 @@ def test_compare_steps_uses_the_chosen_clock(monkeypatch):
         bench.compare_steps(lambda: None, lambda: None, clock="sundial")
     with pytest.raises(ValueError, match="clock must be one of"):
         bench.set_clock("sundial")
+
+
+def test_store_opens_a_schema_1_database_and_adds_the_new_columns(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "old.db"
+    con = sqlite3.connect(db)
+    con.executescript(
+        "CREATE TABLE runs (id INTEGER PRIMARY KEY AUTOINCREMENT, slug TEXT NOT NULL, claim_version INTEGER NOT NULL, "
+        "scale TEXT NOT NULL, seed INTEGER NOT NULL, data_mode TEXT NOT NULL, data TEXT NOT NULL, metrics TEXT NOT NULL, "
+        "curves TEXT NOT NULL, info TEXT NOT NULL, seed_passed INTEGER NOT NULL, duration_s REAL NOT NULL, "
+        "device TEXT NOT NULL, versions TEXT NOT NULL, git_rev TEXT, created_at REAL NOT NULL);"
+        "INSERT INTO runs (slug, claim_version, scale, seed, data_mode, data, metrics, curves, info, seed_passed, "
+        "duration_s, device, versions, git_rev, created_at) VALUES ('x', 1, 'quick', 0, 'bundled', 'd', "
+        "'{\"a\": {\"m\": 1.0}}', '{}', '{}', 1, 0.1, 'cpu', '{}', NULL, 0.0);")
+    con.close()
+    s = ResultStore(db)
+    (r,) = s.runs()
+    assert r.overrides == "" and r.verdict == "" and r.metrics == {"a": {"m": 1.0}}
+    s.add_run(RunRecord(slug="x", claim_version=1, scale="quick", seed=1, data_mode="bundled", data="d",
+                        metrics={"a": {"m": 2.0}}, overrides="lr=0.5", verdict="PASS"))
+    assert [g[-1] for g in s.groups()] == ["", "lr=0.5"]
+    assert list(s.latest_per_seed("x", 1, "quick", "bundled")) == [0]
+    assert s.latest_per_seed("x", 1, "quick", "bundled", overrides="lr=0.5")[1].verdict == "PASS"

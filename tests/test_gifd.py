@@ -298,38 +298,31 @@ def test_gifd_bad_input():
 
 
 # ------------------------------------------------------------------------------------ the claim
-@pytest.fixture(scope="module")
-def smoke_output():
-    from gradkit.claims.base import RunContext
-    from gradkit.claims.gifd import run
-
-    return run(RunContext(scale="smoke", seed=0))
-
-
 def test_claim_registered():
     import importlib
 
-    from gradkit.claims.gifd import CLAIM
+    from gradkit.harness.claims.gifd import CLAIM
 
     assert CLAIM.slug == "gifd" and CLAIM.primary.metric == "psnr_ood"
+    assert [v.name for v in CLAIM.variants] == ["mnist+fashion"]
+    assert CLAIM.resolve(None).control == {"gifd": "latent"}
     for dotted in CLAIM.uses:
         mod, name = dotted.rsplit(".", 1)
         assert hasattr(importlib.import_module(mod), name), dotted
 
 
-def test_claim_smoke(smoke_output):
-    from gradkit.claims.gifd import ARMS, CLAIM
+def test_claim_smoke(smoke_run):
+    from gradkit.harness.claims.base import RunContext
+    from gradkit.harness.claims.gifd import ARMS, CLAIM
 
-    out = smoke_output
-    assert out.data == "digits" and set(out.metrics) == set(ARMS)
-    for arm, m in out.metrics.items():
-        assert all(math.isfinite(v) for v in m.values()), (arm, m)
-        for g in ("id", "ood"):
-            assert 0 < m[f"psnr_{g}"] <= 100 and -1 <= m[f"ssim_{g}"] <= 1 and 0 <= m[f"mse_{g}"] <= 1
-    # the spec's smoke checks: the l1 constraint holds at every stage; GIFD's gradient loss <= latent-only's
+    out = smoke_run("gifd")
+    p = CLAIM.protocol.at("smoke")
+    assert out.data == "digits" and list(out.metrics) == list(ARMS)
+    # the l1 constraint holds at every stage; GIFD's gradient loss <= latent-only's
     assert out.metrics["gifd"]["l1_ratio_max"] <= 1 + 1e-5
     assert out.metrics["gifd"]["grad_loss_ood"] <= out.metrics["latent"]["grad_loss_ood"] + 1e-6
     assert out.metrics["gifd"]["stage_ood"] in (0.0, 1.0, 2.0)
+    assert {f"psnr_ood_stage{k}" for k in p.stages} <= set(out.metrics["gifd"])
     assert out.info["label_inference_acc"] == 100.0
     for grid in ("in-distribution", "out-of-distribution"):
         rows = out.info["images"][grid]
@@ -337,29 +330,32 @@ def test_claim_smoke(smoke_output):
         for r in rows.values():
             t = torch.tensor(r)
             assert t.shape == (1, 8, 8) and t.min() >= 0 and t.max() <= 1
-    assert len(out.curves["match_loss_ood"]["gifd"]) == len(out.curves["match_loss_ood"]["latent"]) == 150
-    assert all(v > 0 for v in out.info["iter_cost_ratio"].values())
+    budget = p.steps_per_stage * len(p.stages)
+    assert len(out.curves["match_loss_ood"]["gifd"]) == len(out.curves["match_loss_ood"]["latent"]) == budget
+    assert set(out.info["iter_cost_ratio"]) == set(ARMS) and all(v > 0 for v in out.info["iter_cost_ratio"].values())
     ok, checks = CLAIM.criterion_for(out.data).evaluate([out.metrics])
     assert len(checks) == 2 and isinstance(ok, bool)
+    # reruns are bit-identical on CPU
+    assert CLAIM.run(RunContext(scale="smoke", seed=0)).metrics == out.metrics
 
 
 def test_claim_missing_data_root(tmp_path):
-    from gradkit.claims.base import RunContext
-    from gradkit.claims.gifd import run
+    from gradkit.harness.claims.base import RunContext
+    from gradkit.harness.claims.gifd import CLAIM
     from gradkit.data import DataError
 
     with pytest.raises(DataError):
-        run(RunContext(scale="smoke", seed=0, data_root=tmp_path / "absent"))
+        CLAIM.run(RunContext(scale="smoke", seed=0, data_root=tmp_path / "absent"))
     with pytest.raises(DataError):
-        run(RunContext(scale="smoke", seed=0, data_root=tmp_path))
+        CLAIM.run(RunContext(scale="smoke", seed=0, data_root=tmp_path))
 
 
 def test_claim_real_victims(data_root):
-    from gradkit.claims.base import RunContext
-    from gradkit.claims.gifd import _victim_images
+    from gradkit.harness.claims.gifd import CLAIM, mnist_victims
 
-    prior, epochs, key, victims, size, name = _victim_images(RunContext(scale="quick", seed=0, data_root=data_root))
-    assert name == "mnist+fashion" and size == 28 and prior.shape == (5000, 1, 28, 28)
+    p = CLAIM.protocol_for("quick", data_root)
+    prior, key, victims, size = mnist_victims(p, 0, data_root)
+    assert size == 28 and prior.shape == (5000, 1, 28, 28)
     assert [v[0] for v in victims] == ["id", "ood_mnist", "ood_fashion"]
     assert int(victims[0][2]) < 5 <= int(victims[1][2])
     for _, x, _ in victims:

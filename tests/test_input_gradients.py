@@ -391,55 +391,49 @@ def test_clear_errors(tmp_path):
 
 # ------------------------------------------------------------------------------------ claim
 @pytest.fixture(scope="module")
-def smoke_output():
-    from gradkit.claims.base import RunContext
-    from gradkit.claims.input_gradients import run
+def claim():
+    from gradkit.harness.claims import get_claim
 
-    return run(RunContext(scale="smoke", seed=0))
-
-
-def test_claim_registered():
-    from gradkit.claims import get_claim
-
-    c = get_claim("input-gradients")
-    assert c.arxiv == "2102.12781" and c.primary.ours == "robust" and c.primary.baseline == "standard"
-    assert "block-mnist" in c.data_criteria
+    return get_claim("input-gradients")
 
 
-def test_claim_smoke(smoke_output):
-    out = smoke_output
+def test_claim_registered(claim):
+    assert claim.arxiv == "2102.12781" and claim.primary.ours == "robust" and claim.primary.baseline == "standard"
+    assert [v.name for v in claim.variants] == ["block-mnist"]
+
+
+def test_claim_smoke(claim, smoke_run):
+    out = smoke_run("input-gradients")
     assert out.data == "block-digits" and set(out.metrics) == {"standard", "robust"}
-    for arm, m in out.metrics.items():
-        assert all(math.isfinite(v) for v in m.values()), (arm, m)
-        for k in ("syn_top1_hit", "syn_bottom1_hit", "block_signal_mass"):
-            assert 0.0 <= m[k] <= 1.0
-        for k in ("diffroar_k10", "diffroar_k20", "diffroar_k40"):
-            assert -100.0 <= m[k] <= 100.0
-        assert 0.0 <= m["block_test_acc"] <= 100.0
-    assert len(out.curves["diffroar"]["robust"]) == 3
+    assert len(out.curves["diffroar"]["robust"]) == len(claim.protocol.at("smoke").ks)
     checks = out.info["checks"]
     assert checks["mask_count_max_abs_err"] == 0.0
     assert checks["toy_diffroar_true_feature"] > 30.0
     assert abs(checks["toy_diffroar_random"]) < 10.0
-    from gradkit.claims import get_claim
-    get_claim("input-gradients").criterion.evaluate([out.metrics])  # the criterion reads every metric it needs
 
 
-def test_claim_missing_data_root(tmp_path):
-    from gradkit.claims.base import RunContext
-    from gradkit.claims.input_gradients import run
+def test_claim_rerun_bit_identical(claim, smoke_run):
+    from gradkit.harness.claims import RunContext
+
+    again = claim.run(RunContext(scale="smoke", seed=0))
+    assert again.metrics == smoke_run("input-gradients").metrics
+    assert again.curves == smoke_run("input-gradients").curves
+
+
+def test_claim_missing_data_root(claim, tmp_path):
+    from gradkit.harness.claims import RunContext
 
     with pytest.raises(DataError):
-        run(RunContext(scale="smoke", seed=0, data_root=tmp_path / "absent"))
+        claim.run(RunContext(scale="smoke", seed=0, data_root=tmp_path / "absent"))
     with pytest.raises(DataError):
-        run(RunContext(scale="smoke", seed=0, data_root=tmp_path))
+        claim.run(RunContext(scale="smoke", seed=0, data_root=tmp_path))
 
 
-def test_claim_real_blockmnist_smoke(data_root):
-    from gradkit.claims.base import RunContext
-    from gradkit.claims.input_gradients import run
-
-    out = run(RunContext(scale="smoke", seed=0, data_root=data_root))
-    assert out.data == "block-mnist"
+def test_claim_real_blockmnist_smoke(claim, data_root, smoke_run):
+    out = smoke_run("input-gradients", data_root=data_root)
+    assert out.data == "block-mnist" and set(out.metrics) == {"standard", "robust"}
+    p = claim.protocol_for("smoke", data_root)
+    assert (out.info["n_train"], out.info["n_test"]) == (p.n_train, p.n_test)
     for m in out.metrics.values():
+        assert set(m) == {"block_signal_mass", "block_test_acc", "block_robust_acc"}
         assert 0.0 <= m["block_signal_mass"] <= 1.0 and math.isfinite(m["block_test_acc"])

@@ -406,49 +406,47 @@ def test_bad_input_errors():
 
 
 # ------------------------------------------------------------------------------------------ claim, bench, docs
-def test_claim_smoke():
-    from gradkit.claims.base import RunContext
-    from gradkit.claims.mesa import CLAIM
+def test_claim_memory_and_fidelity(smoke_run):
+    from gradkit.harness.claims.mesa import CLAIM
 
-    out = CLAIM.run(RunContext(scale="smoke", seed=0))
+    out = smoke_run("mesa")
     assert out.data == "digits"
-    for arm, vals in out.metrics.items():
-        assert all(math.isfinite(v) for v in vals.values()), arm
-    assert 0 <= out.metrics["mesa"]["test_acc"] <= 100 and 0 <= out.metrics["fp32"]["test_acc"] <= 100
     assert out.metrics["mesa"]["bytes_ratio"] < 0.30
     assert out.metrics["mesa"]["grad_cos_min"] >= 0.99
     assert out.metrics["mesa_b4"]["grad_relerr"] > out.metrics["mesa_b8"]["grad_relerr"]
+    assert out.info["saved_bytes"]["mesa"] < out.info["saved_bytes"]["fp32"]
     ok, checks = CLAIM.criterion_for(out.data).evaluate([out.metrics])
     assert len(checks) == 6
 
 
 def test_claim_real_data_missing_folder(tmp_path):
-    from gradkit.claims.base import RunContext
-    from gradkit.claims.mesa import CLAIM
+    from gradkit.harness.claims.base import RunContext
+    from gradkit.harness.claims.mesa import CLAIM
     from gradkit.data import DataError
 
     with pytest.raises(DataError):
         CLAIM.run(RunContext(scale="smoke", seed=0, data_root=tmp_path / "nope"))
 
 
-def test_claim_real_mnist_smoke():
+def test_claim_real_mnist_smoke(smoke_run):
     import os
 
-    from gradkit.claims.base import RunContext
-    from gradkit.claims.mesa import CLAIM
+    from gradkit.harness.claims.mesa import CLAIM
 
     root = Path(os.environ.get("GRADKIT_TEST_DATA", str(REPO / ".." / "shared" / "data")))
     if not (root / "mnist").is_dir():
         pytest.skip(f"no MNIST under {root}")
-    out = CLAIM.run(RunContext(scale="smoke", seed=0, data_root=root))
+    out = smoke_run("mesa", data_root=root)
     assert out.data == "mnist" and out.info["n_train"] == 500
+    assert out.info["protocol"]["image_size"] == 28
     assert out.metrics["mesa"]["bytes_ratio"] < 0.30
     assert all(math.isfinite(v) for vals in out.metrics.values() for v in vals.values())
+    assert len(CLAIM.criterion_for(out.data).checks([out.metrics])) == 4
 
 
 def test_benchmark_registers_and_runs():
-    import gradkit.benchmarks.mesa as bm
-    from gradkit.bench import BENCHMARKS
+    import gradkit.harness.benchmarks.mesa as bm
+    from gradkit.harness.bench import BENCHMARKS
 
     b = BENCHMARKS.get(bm.NAME)
     res = b.run(1)

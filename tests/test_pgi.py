@@ -520,17 +520,9 @@ def test_deep_supervision_errors():
 
 
 # ---------------------------------------------------------------------------------------- claim
-@pytest.fixture(scope="module")
-def smoke_output():
-    from gradkit.claims.base import RunContext
-    from gradkit.claims.pgi import run
-
-    return run(RunContext(scale="smoke", seed=0))
-
-
 def test_claim_registered():
-    from gradkit.claims import get_claim
-    from gradkit.claims.pgi import ARMS
+    from gradkit.harness.claims import get_claim
+    from gradkit.harness.claims.pgi import ARMS
 
     claim = get_claim("pgi")
     assert claim.arxiv == "2402.13616" and claim.primary.ours == "pgi" and claim.primary.baseline == "plain"
@@ -540,56 +532,55 @@ def test_claim_registered():
         assert hasattr(importlib.import_module(mod), name), dotted
 
 
-def test_claim_smoke(smoke_output):
-    from gradkit.claims.pgi import ARMS, CLAIM
+def test_claim_smoke(smoke_run):
+    from gradkit.harness.claims.pgi import ARMS, CLAIM
 
-    out = smoke_output
+    out = smoke_run("pgi")
     assert out.data == "mnist1d" and set(out.metrics) == set(ARMS)
-    assert out.info["n_train"] == 4000 and out.info["n_test"] == 1000 and out.info["epochs"] == 2
+    assert out.info["n_train"] == 4000 and out.info["n_test"] == 1000
+    epochs = CLAIM.protocol.at("smoke").epochs
     for arm, m in out.metrics.items():
-        assert all(math.isfinite(v) for v in m.values()), (arm, m)
-        assert 0.0 <= m["test_acc"] <= 100.0 and m["train_loss"] > 0 and m["grad_early"] > 0
+        assert m["train_loss"] > 0 and m["grad_early"] > 0
         assert m["infer_params"] == out.metrics["plain"]["infer_params"]  # same deployed network in every arm
         assert m["infer_kflops"] == out.metrics["plain"]["infer_kflops"] > 0
-        assert len(out.curves["test_acc"][arm]) == 2
+        assert len(out.curves["test_acc"][arm]) == epochs
     pgi = out.metrics["pgi"]
-    # spec smoke check: deploy() output equals wrapper.eval()(x) exactly; same params and FLOPs as the plain net
+    # deploy() output equals wrapper.eval()(x) exactly; same params and FLOPs as the plain net
     assert pgi["deploy_out_diff"] == 0.0 and pgi["deploy_param_diff"] == 0.0 and pgi["deploy_flop_diff"] == 0.0
     assert pgi["train_params"] > pgi["infer_params"] and pgi["total_loss"] > pgi["train_loss"]
     assert out.metrics["plain"]["total_loss"] == pytest.approx(out.metrics["plain"]["train_loss"], rel=1e-5)
     ok, checks = CLAIM.criterion_for(out.data).evaluate([out.metrics])
-    assert len(checks) == 5 and isinstance(ok, bool) and all(c.passed for c in checks[2:])
+    assert len(checks) == 5 and all(c.passed for c in checks[2:])
 
 
-def test_claim_smoke_is_bit_reproducible(smoke_output):
-    from gradkit.claims.base import RunContext
-    from gradkit.claims.pgi import _train_arm, load_data
-    from gradkit.engine import cpu_threads
+def test_claim_smoke_is_bit_reproducible(smoke_run):
+    from gradkit.harness.claims.base import RunContext
+    from gradkit.harness.claims.pgi import CLAIM
 
-    with cpu_threads(1):
-        m, _ = _train_arm("pgi", load_data(5000), 2, RunContext(scale="smoke", seed=0))
-    assert m == smoke_output.metrics["pgi"]
+    again = CLAIM.run(RunContext(scale="smoke", seed=0))
+    assert again.metrics == smoke_run("pgi").metrics
 
 
 def test_claim_arms_share_the_main_init():
-    from gradkit.claims.pgi import ARMS, build_arm
+    from gradkit.harness.claims.pgi import ARMS, CLAIM, build_arm
 
+    p = CLAIM.protocol.at("quick")
     states = []
     for arm in ARMS:
         torch.manual_seed(3)
-        model = build_arm(arm)
+        model = build_arm(arm, p)
         main = model if arm == "plain" else model.deploy()
         states.append(main.state_dict())
     for s in states[1:]:
         assert all(torch.equal(s[k], states[0][k]) for k in states[0])
     with pytest.raises(ValueError, match="arm must be one of"):
-        build_arm("nope")
+        build_arm("nope", p)
 
 
 # ---------------------------------------------------------------------------------------- benchmark, docs
 def test_benchmark_registered_and_runs():
-    import gradkit.benchmarks.pgi  # noqa: F401
-    from gradkit.bench import BENCHMARKS
+    import gradkit.harness.benchmarks.pgi  # noqa: F401
+    from gradkit.harness.bench import BENCHMARKS
 
     b = BENCHMARKS.get("pgi_train_step")
     assert b.slug == "pgi" and b.target is None

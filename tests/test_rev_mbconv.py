@@ -186,27 +186,23 @@ def test_volumes_deterministic_and_labelled():
 
 
 # ---------------------------------------------------------------------------------------- claim
-def test_claim_smoke():
-    from gradkit.claims.base import CLAIMS, RunContext
-    import gradkit.claims.rev_mbconv as mod
+def test_claim_smoke(smoke_run):
+    from gradkit.harness.claims.rev_mbconv import CLAIM
 
-    claim = CLAIMS.get("rev-mbconv")
-    out = mod.run(RunContext(scale="smoke", seed=0))
+    out = smoke_run("rev-mbconv")
     assert out.data == "ellipsoids3d"
-    for arm in ("rev_mbconv", "twin"):
-        for k, v in out.metrics[arm].items():
-            assert math.isfinite(v), (arm, k)
-        assert 0 <= out.metrics[arm]["dice"] <= 100
-    r = out.metrics["rev_mbconv"]
-    assert r["bytes_growth"] <= 1.2 and out.metrics["twin"]["bytes_growth"] >= 3
+    r, t = out.metrics["rev_mbconv"], out.metrics["twin"]
+    assert r["bytes_growth"] <= 1.2 and t["bytes_growth"] >= 3
     assert r["grad_rel_err"] < 1e-8 and r["inverse_err"] < 1e-10
-    assert r["volume_ratio"] >= 1.5
-    ok, checks = claim.criterion_for(out.data).evaluate([out.metrics])
+    assert r["volume_ratio"] >= 1.5 and t["volume_ratio"] == 1.0
+    sweep = CLAIM.protocol.at("smoke").sweep
+    assert len(out.curves["saved_mib"]["twin"]) == len(sweep) == len(out.info["curve_axes"]["saved_mib"]["x"])
+    ok, checks = CLAIM.criterion_for(out.data).evaluate([out.metrics])
     assert len(checks) == 10
 
 
 def test_dice_helpers():
-    from gradkit.claims.rev_mbconv import dice_loss, region_dice
+    from gradkit.harness.claims.rev_mbconv import dice_loss, region_dice
 
     y = torch.tensor([[0, 1, 2, 2]])
     assert region_dice(y.clone(), y)["dice"] == 100.0
@@ -217,8 +213,8 @@ def test_dice_helpers():
 
 # ---------------------------------------------------------------------------------------- benchmark, docs
 def test_benchmark_registered_and_runs():
-    import gradkit.benchmarks.rev_mbconv  # noqa: F401
-    from gradkit.bench import BENCHMARKS
+    import gradkit.harness.benchmarks.rev_mbconv  # noqa: F401
+    from gradkit.harness.bench import BENCHMARKS
 
     b = BENCHMARKS.get("rev-mbconv-step")
     assert b.slug == "rev-mbconv" and b.target == 1.5

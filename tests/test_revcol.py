@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from gradkit.claims.base import RunContext
 from gradkit.nn.revcol import ConvNeXtBlock, DropPath, LayerNorm2d, RevColLevel, RevColNet, ReversibleColumnStack
 from gradkit.testing import SavedBytesMeter, assert_same_grads, param_grads
 
@@ -168,26 +166,24 @@ def test_bad_input():
         tiny(2, alpha_init=float("nan"))
 
 
-def test_claim_smoke():
-    import gradkit.claims.revcol as mod
+def test_claim_smoke(smoke_run):
+    import gradkit.harness.claims.revcol as mod
 
-    out = mod.CLAIM.run(RunContext(scale="smoke", seed=0))
-    assert set(out.metrics) == {"revcol", "twin"}
-    for arm in out.metrics.values():
-        assert all(math.isfinite(v) for v in arm.values())
-        assert 0 <= arm["test_acc"] <= 100
+    out = smoke_run("revcol")
     m = out.metrics
     assert m["revcol"]["bytes_growth"] <= 1.15 < m["twin"]["bytes_growth"]
-    assert m["revcol"]["nonstrict_growth_ratio"] <= 1.0
+    assert m["revcol"]["nonstrict_growth_ratio"] <= 1.0 < m["twin"]["nonstrict_growth_ratio"]
     assert m["revcol"]["grad_rel_err"] < 1e-8 and m["revcol"]["recon_err"] < 1e-10
-    assert len(out.curves["test_acc"]["revcol"]) == 1
+    p = mod.CLAIM.protocol.at("smoke")
+    assert len(out.curves["test_acc"]["revcol"]) == p.epochs
+    assert len(out.curves["saved_mib_per_column"]["revcol"]) == len(p.columns_sweep)
     ok, checks = mod.CLAIM.criterion_for(out.data).evaluate([out.metrics])
-    assert len(checks) >= 10
+    assert len(checks) == 11
 
 
 def test_benchmark_registers_and_runs():
-    import gradkit.benchmarks.revcol as bmod
-    from gradkit.bench import BENCHMARKS
+    import gradkit.harness.benchmarks.revcol as bmod
+    from gradkit.harness.bench import BENCHMARKS
 
     assert BENCHMARKS.get("revcol-step").slug == "revcol"
     res = bmod.run(repeats=1)

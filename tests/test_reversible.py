@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from gradkit.nn.reversible import (
-    MultiLevelReversibleFunction, ReversibleBlock, ReversibleSequential, ReversibleStep, bn_state_guard,
-    invert_steps, run_steps,
+from gradkit.functional.reversible import (
+    MultiLevelReversibleFunction, ReversibleStep, bn_state_guard, invert_steps, run_steps,
 )
+from gradkit.nn.reversible import ReversibleBlock, ReversibleSequential
 from gradkit.testing import SavedBytesMeter, assert_same_grads, param_grads
 
 

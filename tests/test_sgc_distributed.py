@@ -7,9 +7,10 @@ import torch
 
 from gradkit.data import load_digits_split
 from gradkit.distributed.coded_run import coded_gradient_descent, coded_worker, logistic_chunk_grad
-from gradkit.distributed.gradient_coding import GCScheme, MSGCScheme, SRSGCScheme
+from gradkit.distributed.coding_schemes import GCScheme, MSGCScheme, SRSGCScheme
 from gradkit.distributed.launch import WorkerError
-from gradkit.distributed.stragglers import gilbert_elliott_delays, pattern_delays, simulate_runtime
+from gradkit.distributed.straggler_models import gilbert_elliott_delays, pattern_delays
+from gradkit.distributed.stragglers import simulate_runtime
 
 pytestmark = pytest.mark.slow
 N_WORKERS = 4

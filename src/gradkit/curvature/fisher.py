@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._validate import real_scalar
+from .._validate import is_int, positive, positive_int
 
 __all__ = ["EmpiricalFisherInverse", "SlidingFisherInverse"]
 
@@ -34,16 +34,7 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _check_damp(damp: Any) -> float:
-    v = real_scalar("damp", damp)
-    if v <= 0:
-        raise ValueError(f"damp must be finite and > 0, got {damp!r}")
-    return v
-
-
-def _check_pos_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+    return positive("damp", damp)
 
 
 def _check_dtype(dtype: Any) -> torch.dtype:
@@ -109,7 +100,7 @@ class EmpiricalFisherInverse:
         self.dtype = _check_dtype(dtype)
         self.m, self.d = grads.shape
         if blocksize is not None:
-            _check_pos_int("blocksize", blocksize)
+            positive_int("blocksize", blocksize)
         self.blocksize = self.d if blocksize is None or blocksize >= self.d else blocksize
         self.method = method
         self.nblocks = math.ceil(self.d / self.blocksize)
@@ -165,7 +156,7 @@ class EmpiricalFisherInverse:
 
     def entry(self, q: int) -> float:
         """One diagonal element ``[F^{-1}]_qq`` in O(m)."""
-        if isinstance(q, bool) or not isinstance(q, int) or not -self.d <= q < self.d:
+        if not is_int(q, low=-self.d, high=self.d - 1):
             raise IndexError(f"q must be an int in [-{self.d}, {self.d}), got {q!r}")
         q %= self.d
         col = self.u[q // self.blocksize, :, q % self.blocksize]
@@ -212,14 +203,14 @@ class SlidingFisherInverse:
     def __init__(self, m: int, d: int, damp: float = 1e-5, method: str = "woodbury",
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
                  refresh: int | None = None) -> None:
-        self.m = _check_pos_int("m", m)
-        self.d = _check_pos_int("d", d)
+        self.m = positive_int("m", m)
+        self.d = positive_int("d", d)
         self.damp = _check_damp(damp)
         if method not in ("woodbury", "mfac"):
             raise ValueError(f"method must be 'woodbury' or 'mfac', got {method!r}")
         self.method = method
         self.dtype = _check_dtype(dtype)
-        self.refresh = self.m if refresh is None else _check_pos_int("refresh", refresh)
+        self.refresh = self.m if refresh is None else positive_int("refresh", refresh)
         dev = torch.device("cpu") if device is None else torch.device(device)
         self.grads = torch.zeros(self.m, self.d, dtype=self.dtype, device=dev)
         self.dots = torch.zeros(self.m, self.m, dtype=torch.float64, device=dev)

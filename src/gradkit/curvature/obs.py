@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .._validate import real_scalar, tensor_list
+from .._validate import is_int, nonneg_int, positive, positive_int, real_scalar, tensor_list
 from .fisher import EmpiricalFisherInverse
 
 __all__ = ["OBSPruner", "magnitude_prune", "obs_prune_step", "sparsity_schedule"]
@@ -60,8 +60,7 @@ def _n_to_prune(sparsity: float, d: int, mask: Tensor) -> int:
 def sparsity_schedule(start: float, target: float, steps: int) -> list[float]:
     """Geometric schedule ``s_j = 1 - (1 - start) f^j``, ``f = ((1 - target)/(1 - start))^(1/steps)``, j = 1..steps."""
     start, target = _check_sparsity(start), _check_sparsity(target)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps (nrecomps) must be a positive int, got {steps!r}")
+    steps = positive_int("steps (nrecomps)", steps)
     f = ((1 - target) / (1 - start)) ** (1.0 / steps)
     return [1 - (1 - start) * f ** j for j in range(1, steps)] + [target]
 
@@ -114,8 +113,7 @@ def obs_prune_step(w: Tensor, mask: Tensor, finv: EmpiricalFisherInverse, n_prun
     if w.dim() != 1 or w.shape != mask.shape or w.numel() != finv.d:
         raise ValueError(f"w and mask must be vectors of length d={finv.d}, got {tuple(w.shape)} and "
                          f"{tuple(mask.shape)}")
-    if isinstance(n_prune, bool) or not isinstance(n_prune, int) or n_prune < 0:
-        raise ValueError(f"n_prune must be a non-negative int, got {n_prune!r}")
+    n_prune = nonneg_int("n_prune", n_prune)
     avail = int(mask.sum())
     if n_prune > avail:
         raise ValueError(f"n_prune={n_prune} exceeds the {avail} unpruned weights")
@@ -163,13 +161,9 @@ class OBSPruner:
             raise TypeError(f"loss_fn must be callable(model, batch) -> loss, got {type(loss_fn).__name__}")
         self.loss_fn = loss_fn
         self.loader = loader
-        if isinstance(ngrads, bool) or not isinstance(ngrads, int) or ngrads < 1:
-            raise ValueError(f"ngrads must be a positive int, got {ngrads!r}")
-        self.ngrads = ngrads
-        self.damp = real_scalar("damp", damp)
-        if self.damp <= 0:
-            raise ValueError(f"damp must be finite and > 0, got {damp!r}")
-        if blocksize is not None and (isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1):
+        self.ngrads = positive_int("ngrads", ngrads)
+        self.damp = positive("damp", damp)
+        if blocksize is not None and not is_int(blocksize, low=1):
             raise ValueError(f"blocksize must be a positive int or None, got {blocksize!r}")
         self.blocksize = blocksize
         if method not in ("static", "woodbury"):

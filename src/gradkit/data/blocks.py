@@ -18,20 +18,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._validate import nonneg_int, positive_int, probability
 from .bundled import Split
 from .errors import DataError
-
-
-def _pos_int(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-        raise ValueError(f"{name} must be a positive int, got {v!r}")
-    return int(v)
-
-
-def _seed(v) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-        raise ValueError(f"seed must be a non-negative int, got {v!r}")
-    return int(v)
 
 
 def checkerboard_patch(height: int, width: int, cell: int = 1, low: float = 0.0, high: float = 1.0) -> Tensor:
@@ -41,7 +30,7 @@ def checkerboard_patch(height: int, width: int, cell: int = 1, low: float = 0.0,
     tensor([[1., 0., 1.],
             [0., 1., 0.]])
     """
-    h, w, c = _pos_int("height", height), _pos_int("width", width), _pos_int("cell", cell)
+    h, w, c = positive_int("height", height), positive_int("width", width), positive_int("cell", cell)
     yy, xx = torch.meshgrid(torch.arange(h) // c, torch.arange(w) // c, indexing="ij")
     on = (yy + xx) % 2 == 0
     return torch.where(on, torch.tensor(float(high)), torch.tensor(float(low)))
@@ -66,7 +55,7 @@ def block_dataset(base_images, base_labels, null_patch, seed: int = 0) -> tuple[
         raise ValueError(f"null_patch must have the images' shape {tuple(imgs.shape[1:])}, got {tuple(null.shape)}")
     if labels.reshape(-1).numel() != imgs.shape[0]:
         raise ValueError(f"base_labels must have one label per image ({imgs.shape[0]}), got {labels.numel()}")
-    g = torch.Generator().manual_seed(_seed(seed))
+    g = torch.Generator().manual_seed(nonneg_int("seed", seed))
     n = imgs.shape[0]
     sig = torch.randint(0, 2, (n,), generator=g)
     imgs = imgs.float()
@@ -85,7 +74,7 @@ def block_region_mask(signal_block: Tensor, height: int, width: int) -> Tensor:
     tensor([[ True, False],
             [False,  True]])
     """
-    h, w = _pos_int("height", height), _pos_int("width", width)
+    h, w = positive_int("height", height), positive_int("width", width)
     s = torch.as_tensor(signal_block).reshape(-1)
     rows = torch.arange(2 * h, device=s.device)
     on_top = rows[None, :] < h
@@ -129,7 +118,7 @@ def block_digits(seed: int = 0, digits=(0, 1), test_fraction: float = 0.3):
     perm = np.random.RandomState(0).permutation(len(labels))
     n_te = int(round(len(labels) * float(test_fraction)))
     te, tr = perm[:n_te], perm[n_te:]
-    return _blocks_split(imgs[tr], labels[tr], imgs[te], labels[te], checkerboard_patch(8, 8), _seed(seed),
+    return _blocks_split(imgs[tr], labels[tr], imgs[te], labels[te], checkerboard_patch(8, 8), nonneg_int("seed", seed),
                          "block-digits", None, None)
 
 
@@ -147,12 +136,12 @@ def block_mnist(root: str | Path, n_train: int = 5000, n_test: int = 1000, seed:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data root {str(root)!r} is not a folder (expected one holding mnist/)")
-    n_train, n_test = _pos_int("n_train", n_train), _pos_int("n_test", n_test)
+    n_train, n_test = positive_int("n_train", n_train), positive_int("n_test", n_test)
     xtr, ytr = load_mnist(root, "train")
     xte, yte = load_mnist(root, "test")
     xtr, ytr = _two_class(xtr.astype(np.float32) / 255.0, ytr, digits)
     xte, yte = _two_class(xte.astype(np.float32) / 255.0, yte, digits)
-    return _blocks_split(xtr, ytr, xte, yte, checkerboard_patch(28, 28, cell=4), _seed(seed), "block-mnist",
+    return _blocks_split(xtr, ytr, xte, yte, checkerboard_patch(28, 28, cell=4), nonneg_int("seed", seed), "block-mnist",
                          n_train, n_test)
 
 
@@ -168,13 +157,11 @@ def signal_coordinate_synthetic(d: int, n: int, seed: int = 0, bias_prob: float 
     >>> bool(((X.abs().sum(1) == 1) & (X.gather(1, j[:, None])[:, 0] == 2 * y - 1)).all())
     True
     """
-    d, n = _pos_int("d", d), _pos_int("n", n)
+    d, n = positive_int("d", d), positive_int("n", n)
     if d < 2:
         raise ValueError(f"d must be >= 2, got {d}")
-    p = 1.0 / d if bias_prob is None else float(bias_prob)
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"bias_prob must be in [0, 1], got {bias_prob!r}")
-    g = torch.Generator().manual_seed(_seed(seed))
+    p = 1.0 / d if bias_prob is None else probability("bias_prob", bias_prob)
+    g = torch.Generator().manual_seed(nonneg_int("seed", seed))
     labels = torch.randint(0, 2, (n,), generator=g)
     first = torch.rand(n, generator=g) < p
     other = torch.randint(1, d, (n,), generator=g)

@@ -16,8 +16,6 @@ to 14x14), :func:`colored_usps` (USPS 16x16 under a root).
 from __future__ import annotations
 
 import functools
-import math
-import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -25,6 +23,8 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch import Tensor
+
+from .._validate import ArgumentError, integer, nonneg_int, probability
 
 __all__ = ["DGSplit", "color_environment", "colored_environments", "colored_digits", "colored_mnist",
            "colored_usps", "max_pool"]
@@ -61,16 +61,14 @@ class DGSplit:
 
 # ------------------------------------------------------------------------------------ validation
 def _rate(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
-            or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
-    return float(value)
+    try:
+        return probability(name, value, tensor_ok=False)
+    except ArgumentError:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}") from None
 
 
 def _count(name: str, value: object, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return int(value)
+    return integer(name, value, low=low)
 
 
 def _images(name: str, images: object) -> Tensor:
@@ -151,8 +149,7 @@ def colored_environments(train_images: Tensor, train_digits: Tensor, test_images
         >>> [len(y) for _, y in d.train], d.env_noise, d.test_noise
         ([500, 500], (0.1, 0.2), 0.9)
     """
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    seed = nonneg_int("seed", seed)
     xtr = _images("train_images", train_images)
     dtr = _digits("train_digits", train_digits, len(xtr))
     xte = _images("test_images", test_images)

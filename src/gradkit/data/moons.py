@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .._validate import integer, real_scalar
+
 __all__ = ["DomainShift", "make_moons_domains"]
 
 
@@ -50,15 +52,10 @@ def make_moons_domains(n: int = 150, noise: float = 0.05, theta: float = 35.0,
     """
     from sklearn.datasets import make_moons
 
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-        raise ValueError(f"n must be an int >= 2, got {n!r}")
-    n_target = n if n_target is None else n_target
-    if isinstance(n_target, bool) or not isinstance(n_target, int) or n_target < 2:
-        raise ValueError(f"n_target must be an int >= 2, got {n_target!r}")
-    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not math.isfinite(noise) or noise < 0:
-        raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta):
-        raise ValueError(f"theta must be a finite number of degrees, got {theta!r}")
+    n = integer("n", n, low=2)
+    n_target = n if n_target is None else integer("n_target", n_target, low=2)
+    noise = real_scalar("noise", noise, nonneg=True, tensor_ok=False)
+    theta = real_scalar("theta", theta, tensor_ok=False)  # degrees
     xs, ys = make_moons(n, noise=noise, random_state=source_state)
     xt, yt = make_moons(n_target, noise=noise, random_state=target_state)
     shift = -xs.mean(axis=0)

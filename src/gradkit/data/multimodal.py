@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .._validate import real_scalar
+from .._validate import nonneg_int, probability, real_scalar
 from .bundled import load_digits_split
 
 __all__ = ["MultimodalSplit", "load_shortcut_digits"]
@@ -80,11 +80,8 @@ def load_shortcut_digits(image_noise: float = 0.5, reliability: float = 0.7, sho
     """
     image_noise = real_scalar("image_noise", image_noise, nonneg=True, tensor_ok=False)
     shortcut_noise = real_scalar("shortcut_noise", shortcut_noise, nonneg=True, tensor_ok=False)
-    reliability = real_scalar("reliability", reliability, tensor_ok=False)
-    if not 0.0 <= reliability <= 1.0:
-        raise ValueError(f"reliability must be in [0, 1], got {reliability!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    reliability = probability("reliability", reliability, tensor_ok=False)
+    seed = nonneg_int("seed", seed)
     return _build(image_noise, reliability, shortcut_noise, seed)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .._validate import real_scalar
+from .._validate import choice, integer, probability, real_scalar
 
 __all__ = ["GridWorld", "Transitions", "make_gridworld_dataset", "evaluate_greedy",
            "dice_fstar", "dice_weight", "DiceLosses", "odice_value_losses", "dice_true_loss",
@@ -29,19 +29,6 @@ __all__ = ["GridWorld", "Transitions", "make_gridworld_dataset", "evaluate_greed
 
 MOVES = np.array([[0, -1], [0, 1], [-1, 0], [1, 0]], dtype=np.int64)  # up, down, left, right (dx, dy)
 FSTAR_KINDS = ("chi2", "rkl")
-
-
-def _pos_int(name: str, v, minimum: int = 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
-    return int(v)
-
-
-def _prob(name: str, v) -> float:
-    v = real_scalar(name, v)
-    if not 0.0 <= v <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {v!r}")
-    return v
 
 
 @dataclass(frozen=True)
@@ -59,7 +46,7 @@ class GridWorld:
     goal: tuple[int, int] = (7, 7)
 
     def __post_init__(self) -> None:
-        _pos_int("size", self.size, 2)
+        integer("size", self.size, low=2)
         gx, gy = self.goal
         if not (0 <= gx < self.size and 0 <= gy < self.size):
             raise ValueError(f"goal must be a cell of the {self.size}x{self.size} grid, got {self.goal!r}")
@@ -159,11 +146,11 @@ def make_gridworld_dataset(env: GridWorld | None = None, episodes: int = 200, ma
     env = GridWorld() if env is None else env
     if not isinstance(env, GridWorld):
         raise TypeError(f"env must be a GridWorld, got {type(env).__name__}")
-    episodes = _pos_int("episodes", episodes)
-    max_steps = _pos_int("max_steps", max_steps)
-    epsilon = _prob("epsilon", epsilon)
-    expert_fraction = _prob("expert_fraction", expert_fraction)
-    seed = _pos_int("seed", seed, 0)
+    episodes = integer("episodes", episodes, low=1)
+    max_steps = integer("max_steps", max_steps, low=1)
+    epsilon = probability("epsilon", epsilon)
+    expert_fraction = probability("expert_fraction", expert_fraction)
+    seed = integer("seed", seed, low=0)
     goal_reward = real_scalar("goal_reward", goal_reward)
     step_reward = real_scalar("step_reward", step_reward)
     rng = np.random.default_rng(seed)
@@ -204,7 +191,7 @@ def evaluate_greedy(policy: Callable[[Tensor], Tensor], env: GridWorld, max_step
     Returns ``success`` (percent of starts that reach the goal within ``max_steps``) and
     ``steps`` (mean steps to the goal over the successful starts; NaN if none).
     """
-    max_steps = _pos_int("max_steps", max_steps)
+    max_steps = integer("max_steps", max_steps, low=1)
     cells = torch.as_tensor(env.start_cells(), device=device)
     done = torch.zeros(len(cells), dtype=torch.bool, device=device)
     steps = torch.zeros(len(cells), dtype=torch.int64, device=device)
@@ -224,8 +211,7 @@ def evaluate_greedy(policy: Callable[[Tensor], Tensor], env: GridWorld, max_step
 
 # ------------------------------------------------------------------------------ DICE losses
 def _check_kind(kind: str) -> None:
-    if kind not in FSTAR_KINDS:
-        raise ValueError(f"kind must be one of {FSTAR_KINDS}, got {kind!r}")
+    choice("kind", kind, FSTAR_KINDS)
 
 
 def dice_fstar(y: Tensor, kind: str = "chi2") -> Tensor:

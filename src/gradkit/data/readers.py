@@ -14,6 +14,7 @@ from typing import Iterable
 
 import numpy as np
 
+from .._validate import choice
 from .errors import DataError
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -161,8 +162,7 @@ AMAZON_DOMAINS = ("books", "dvd", "electronics", "kitchen")
 
 def load_amazon(root: str | Path, domain: str, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """Amazon reviews (DANN's 5,000-feature svmlight files): ``(x float32 dense (N, 5000), y in {0, 1})``."""
-    if domain not in AMAZON_DOMAINS:
-        raise ValueError(f"domain must be one of {AMAZON_DOMAINS}, got {domain!r}")
+    choice("domain", domain, AMAZON_DOMAINS)
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     from sklearn.datasets import load_svmlight_file

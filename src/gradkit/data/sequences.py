@@ -14,11 +14,7 @@ import math
 
 import torch
 
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+from .._validate import nonneg_int, positive_int
 
 
 class MarkovLanguage:
@@ -30,13 +26,12 @@ class MarkovLanguage:
     """
 
     def __init__(self, vocab: int = 16, order: int = 2, successors: int = 4, table_seed: int = 0) -> None:
-        self.vocab = _positive_int("vocab", vocab)
-        self.order = _positive_int("order", order)
-        self.successors = _positive_int("successors", successors)
+        self.vocab = positive_int("vocab", vocab)
+        self.order = positive_int("order", order)
+        self.successors = positive_int("successors", successors)
         if successors > vocab:
             raise ValueError(f"successors must be <= vocab={vocab}, got {successors}")
-        if isinstance(table_seed, bool) or not isinstance(table_seed, int) or table_seed < 0:
-            raise ValueError(f"table_seed must be a non-negative int, got {table_seed!r}")
+        table_seed = nonneg_int("table_seed", table_seed)
         n_ctx = vocab ** order
         if n_ctx > 10_000_000:
             raise ValueError(f"vocab**order must be <= 1e7 contexts, got {n_ctx}")
@@ -50,7 +45,7 @@ class MarkovLanguage:
 
     def sample(self, n: int, length: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` sequences of ``length`` tokens (int64, on CPU)."""
-        n, length = _positive_int("n", n), _positive_int("length", length)
+        n, length = positive_int("n", n), positive_int("length", length)
         seq = torch.empty(n, length, dtype=torch.long)
         k = min(self.order, length)
         seq[:, :k] = torch.randint(0, self.vocab, (n, k), generator=generator)

@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import torch
 
+from .._validate import integer, nonneg_int, real_scalar
+
 __all__ = ["make_ellipsoid_volumes", "VOLUME_CLASSES"]
 
 VOLUME_CLASSES = ("background", "shell", "core")
-
-
-def _pos_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 def make_ellipsoid_volumes(n: int, side: int = 16, channels: int = 4, *, noise: float = 0.6,
@@ -30,13 +26,11 @@ def make_ellipsoid_volumes(n: int, side: int = 16, channels: int = 4, *, noise: 
     >>> x.shape, y.shape
     (torch.Size([2, 4, 8, 8, 8]), torch.Size([2, 8, 8, 8]))
     """
-    n = _pos_int("n", n)
-    side = _pos_int("side", side, 4)
-    channels = _pos_int("channels", channels)
-    if not (isinstance(noise, (int, float)) and not isinstance(noise, bool) and 0 <= noise < float("inf")):
-        raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    n = integer("n", n, low=1)
+    side = integer("side", side, low=4)
+    channels = integer("channels", channels, low=1)
+    noise = real_scalar("noise", noise, nonneg=True, tensor_ok=False)
+    seed = nonneg_int("seed", seed)
     g = torch.Generator().manual_seed(seed)
     # per-channel mean intensity of background / shell / core (fixed pattern, differs per channel)
     means = torch.zeros(3, channels)

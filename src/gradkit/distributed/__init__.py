@@ -5,13 +5,14 @@ from .dgc_hook import DGCHookError, DGCHookState, dgc_comm_hook
 from .federated import (ClientData, FedAvgClient, client_accuracies, clip_and_noise, dirichlet_split, dp_fedavg_round,
                         fedavg_round, fedavg_shared_state, hyperfl_round, local_train_fedavg, local_train_hyperfl,
                         weighted_average)
-from .gradient_coding import (SCHEMES, CodingError, DecodeError, GCScheme, GradientCode, MSGCScheme, SRSGCScheme, Task,
-                              compute_task, cyclic_repetition_code, fractional_repetition_code, make_scheme, partition)
+from .coding_schemes import SCHEMES, GCScheme, MSGCScheme, SRSGCScheme, make_scheme
+from .gradient_codes import (CodingError, DecodeError, GradientCode, Task, compute_task, cyclic_repetition_code,
+                             fractional_repetition_code, partition)
 from .launch import WorkerError, run_workers
 from .simulate import Aggregator, CompressorAggregator, DataParallelSimulator, MeanAggregator, shard
-from .stragglers import (BurstyStragglerModel, GridResult, PerRoundStragglerModel, SimulationResult,
-                         gilbert_elliott_delays, grid_search, iid_delays, markov_straggler_states, pattern_delays,
-                         round_outcome, sample_admissible_pattern, simulate_runtime)
+from .straggler_models import (BurstyStragglerModel, PerRoundStragglerModel, gilbert_elliott_delays, iid_delays,
+                               markov_straggler_states, pattern_delays, sample_admissible_pattern)
+from .stragglers import GridResult, SimulationResult, grid_search, round_outcome, simulate_runtime
 
 __all__ = ["run_workers", "WorkerError",
            "DGCCompressor", "SparseGrad", "warmup_density", "select_topk", "encode_block16", "decode_block16",

@@ -12,7 +12,7 @@ parameters are current). Every rank runs the same deterministic scheme state mac
    ``load * load_cost``; no one sleeps;
 3. rank 0 applies the deadline rule of :func:`gradkit.distributed.stragglers.round_outcome` (late results are
    discarded unless the pattern is inadmissible, then it waits for all), feeds the accepted results to the
-   scheme (malformed ones raise :class:`~gradkit.distributed.gradient_coding.CodingError`) and broadcasts
+   scheme (malformed ones raise :class:`~gradkit.distributed.gradient_codes.CodingError`) and broadcasts
    the accepted mask; every rank calls ``complete_round``;
 4. rank 0 decodes job r - T, compares it with the directly computed full-batch gradient and takes a
    gradient step on that job's model.
@@ -36,8 +36,9 @@ import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
-from .._validate import real_scalar
-from .gradient_coding import CodingError, CodingScheme, partition
+from .._validate import integer, real_scalar
+from .coding_schemes import CodingScheme
+from .gradient_codes import CodingError, partition
 from .stragglers import round_outcome
 
 __all__ = ["CodedRunResult", "coded_gradient_descent", "coded_worker", "logistic_chunk_grad"]
@@ -218,8 +219,7 @@ def coded_gradient_descent(schemes: Sequence[CodingScheme], x: torch.Tensor, y: 
         raise ValueError(f"x must be a 2-d floating tensor (N, features), got {getattr(x, 'shape', type(x))}")
     if not isinstance(y, torch.Tensor) or y.shape != (x.shape[0],) or y.dtype != torch.int64:
         raise ValueError(f"y must be an int64 tensor of shape ({x.shape[0]},), got {getattr(y, 'shape', type(y))}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    num_classes = integer("num_classes", num_classes, low=2)
     if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         raise ValueError(f"labels must be in [0, {num_classes}), got range [{int(y.min())}, {int(y.max())}]")
     config = {"schemes": schemes, "x": x.detach().cpu(), "y": y.detach().cpu(), "num_classes": num_classes,

@@ -15,7 +15,9 @@ averaging (``u <- m*u + mean_k g_k``), as in the official code. The density ``d`
 indices as int32 or int64) against the dense gradient.
 
 Pure tensor code: no ``torch.distributed``; :mod:`gradkit.distributed.dgc_hook` and
-:mod:`gradkit.distributed.simulate` move the pieces between workers.
+:mod:`gradkit.distributed.simulate` move the pieces between workers. Bad input fails loudly:
+:meth:`DGCCompressor.compress` rejects NaN/inf gradients (``ValueError`` naming the key) before any state
+changes, and a key reused with another shape or dtype raises instead of silently restarting its residual.
 
 >>> comp = DGCCompressor(density=0.01, momentum=0.9, world_size=1, warmup=None)
 >>> sg = comp.compress("w", torch.randn(100, 100))           # 100 entries of largest |v|
@@ -49,22 +51,27 @@ def encode_block16(indices: torch.Tensor, numel: int) -> torch.Tensor:
     """
     nblocks = max(1, -(-numel // BLOCK))
     idx = indices.long()
-    counts = torch.bincount(idx >> 16, minlength=nblocks).to(torch.int32)
+    # index_add_ instead of bincount: the same counts, but no device-to-host sync to size the output
+    counts = torch.zeros(nblocks, dtype=torch.int32, device=idx.device).index_add_(
+        0, idx >> 16, torch.ones(idx.shape, dtype=torch.int32, device=idx.device))
     low = ((idx & (BLOCK - 1)) - (BLOCK // 2)).to(torch.int16)
     return torch.cat([counts.view(torch.uint8), low.view(torch.uint8)])
 
 
-def decode_block16(packed: torch.Tensor, numel: int, k: int) -> torch.Tensor:
-    """Inverse of :func:`encode_block16` (int64 indices); ValueError when the bytes cannot be a valid code."""
+def decode_block16(packed: torch.Tensor, numel: int, k: int, check: bool = True) -> torch.Tensor:
+    """Inverse of :func:`encode_block16` (int64 indices); ValueError when the bytes cannot be a valid code.
+
+    ``check=False`` skips the count check (a device-to-host sync): for trusted, already validated peers.
+    """
     nblocks = max(1, -(-numel // BLOCK))
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != 4 * nblocks + 2 * k:
         raise ValueError(f"block16 indices must be {4 * nblocks + 2 * k} uint8 bytes for numel={numel}, k={k}, "
                          f"got {packed.numel()} of {packed.dtype}")
     counts = packed[: 4 * nblocks].clone().view(torch.int32).long()
-    if bool((counts < 0).any()) or int(counts.sum()) != k:
+    if check and (bool((counts < 0).any()) or int(counts.sum()) != k):
         raise ValueError(f"block16 block counts {counts.tolist()[:8]}... do not sum to k={k}")
     low = packed[4 * nblocks:].clone().view(torch.int16).long() + BLOCK // 2
-    blocks = torch.repeat_interleave(torch.arange(nblocks, device=packed.device), counts)
+    blocks = torch.repeat_interleave(torch.arange(nblocks, device=packed.device), counts, output_size=k)
     return blocks * BLOCK + low
 
 
@@ -88,10 +95,13 @@ class SparseGrad:
         """Bytes on the wire: values at their element size plus the index payload."""
         return self.values.numel() * self.values.element_size() + self.indices.numel() * self.indices.element_size()
 
-    def flat_indices(self) -> torch.Tensor:
-        """The flat int64 indices (decoded for block16); ValueError if they are malformed."""
+    def flat_indices(self, check: bool = True) -> torch.Tensor:
+        """The flat int64 indices (decoded for block16); ValueError if they are malformed.
+
+        ``check=False``: no data-dependent check (no device-to-host sync); for validated peers.
+        """
         if self.coding == "block16":
-            return decode_block16(self.indices, self.numel, self.values.numel())
+            return decode_block16(self.indices, self.numel, self.values.numel(), check=check)
         if self.coding != "int" or self.indices.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"indices must be int32/int64 with coding 'int', got {self.indices.dtype} with "
                              f"coding {self.coding!r}")
@@ -155,7 +165,7 @@ def _exact_topk(a: torch.Tensor, k: int) -> torch.Tensor:
 BLOCK_ROWS = 64  # row length of the blockwise exact top-k
 
 
-def _blockwise_topk(a: torch.Tensor, k: int, c: int = BLOCK_ROWS) -> torch.Tensor:
+def _blockwise_topk(a: torch.Tensor, k: int, c: int = BLOCK_ROWS, sync_free: bool | None = None) -> torch.Tensor:
     """Exact top-k of a flat non-negative ``a`` through row maxima (needs k <= numel // c).
 
     Split ``a`` into rows of ``c`` (the tail is a short last row); take the k rows with the largest row
@@ -163,6 +173,11 @@ def _blockwise_topk(a: torch.Tensor, k: int, c: int = BLOCK_ROWS) -> torch.Tenso
     entries >= R_k), so every entry > R_k lies in those rows, and they also hold enough entries equal to
     T_k: a top-k set lies among their entries >= R_k. Cost: one pass over ``a`` plus small top-k's,
     instead of a top-k over all entries.
+
+    ``sync_free`` (default: on for non-CPU tensors): skip the data-dependent filter ``>= R_k`` and take the
+    top-k of all ``k * c`` candidate entries (a padded tail row scores -1): fixed shapes, so no
+    device-to-host sync; the same top-k values, ties possibly broken differently. On CPU the filter is
+    faster and stays the default.
     """
     n = a.numel()
     rows = n // c
@@ -173,6 +188,16 @@ def _blockwise_topk(a: torch.Tensor, k: int, c: int = BLOCK_ROWS) -> torch.Tenso
     top = torch.topk(rmax, k, sorted=False)
     thr = top.values.min()
     cand = (top.indices.unsqueeze(1) * c + torch.arange(c, device=a.device)).reshape(-1)
+    if sync_free is None:
+        sync_free = a.device.type != "cpu"
+    if sync_free:
+        if main < n:  # the tail row is short: its missing entries score -1 (every |x| >= 0)
+            valid = cand < n
+            cand = torch.where(valid, cand, n - 1)
+            ac = torch.where(valid, a[cand], torch.full((), -1.0, dtype=a.dtype, device=a.device))
+        else:
+            ac = a[cand]
+        return cand[torch.topk(ac, k, sorted=False).indices]
     if main < n:
         cand = cand[cand < n]
     ac = a[cand]
@@ -191,7 +216,8 @@ def select_topk(x: torch.Tensor, k: int, sample_ratio: float | None = None,
     ``sample_ratio=None``: exact; ``torch.topk`` on small tensors, and on large sparse selections
     (numel >= 32768, k <= numel / 256) a blockwise exact top-k (top-k rows of 64 by their maxima, then the
     top-k of those rows' entries; 2-3x faster than ``torch.topk`` on 1M entries). Otherwise the official
-    code's sampled threshold: the threshold is
+    code's sampled threshold (data-dependent candidate counts: it syncs with the host; the exact
+    selection does not, off the CPU): the threshold is
     the ``ceil(d*s + 2 sqrt(d*s)) + 1``-th largest |x| (official: ``ceil(d*s)``-th; the margin makes >= k
     candidates likely) among ``s = max(sample_ratio * numel, 2/d)`` strided samples (random offset),
     lowered by 0.8x while fewer than ``k`` entries pass (at most 10 tries, then exact top-k); the
@@ -245,7 +271,7 @@ def _index_coding(spec: Any) -> str:
 
 
 class DGCCompressor:
-    """Deep Gradient Compression state of ONE worker (paper slug: dgc).
+    """Deep Gradient Compression state of ONE worker (paper slug: dgc, arXiv 1712.01887).
 
     u <- m*u + g ; v <- v + u ; send top-k of |v| ; v[sent] = u[sent] = 0 ; receiver G = sum_k sparse_k / N.
 
@@ -260,7 +286,10 @@ class DGCCompressor:
     random offset.
 
     State (``u``, ``v`` and the dense tensors' momentum) is keyed by whatever key the caller gives
-    (parameter names, or the parameter tensors themselves in the DDP hook), allocated lazily.
+    (parameter names: :class:`~gradkit.distributed.dgc_hook.DGCState` uses them), allocated lazily at a
+    key's first use; a key keeps its shape and dtype (reusing it with another raises ValueError).
+    :meth:`state_dict` / :meth:`load_state_dict` save and restore all of it (residuals, momenta, epoch,
+    counters, the sampling generator), so a run saved mid-training continues bit-identically.
 
     >>> comp = DGCCompressor(density=0.01, world_size=2, warmup=None)
     >>> other = DGCCompressor(density=0.01, world_size=2, warmup=None)      # the second worker
@@ -360,24 +389,67 @@ class DGCCompressor:
         return w
 
     # ------------------------------------------------------------------ sender side
-    def compress(self, key: Hashable, grad: torch.Tensor, clip_scale: float = 1.0) -> SparseGrad:
-        """Compress one tensor's local gradient (updates its u, v in place)."""
-        sg = self.compress_group([key], [grad], clip_scale=clip_scale)
+    def compress(self, key: Hashable, grad: torch.Tensor, clip_scale: float = 1.0, *,
+                 check_finite: bool = True) -> SparseGrad:
+        """Compress one tensor's local gradient (updates its u, v in place): the top-k of ``v + (m*u + g)``.
+
+        Raises ValueError, before any state changes, when ``grad`` holds NaN/inf (``check_finite``; one
+        device-to-host sync) or when ``key`` was used before with another shape or dtype.
+
+        >>> comp = DGCCompressor(density=0.1, warmup=None)
+        >>> sg = comp.compress("fc.weight", torch.randn(4, 5))        # 2 values + 2 int32 indices
+        >>> comp.decompress([sg], sg.shape).count_nonzero()            # tensor(2)
+        """
+        sg = self.compress_group([key], [grad], clip_scale=clip_scale, check_finite=check_finite)
         return dataclasses.replace(sg, shape=grad.shape)
 
+    def _check_finite(self, keys: Sequence[Hashable], grads: Sequence[torch.Tensor]) -> None:
+        """ValueError naming the first key whose gradient has NaN/inf entries (one host sync when all is well)."""
+        total = grads[0].sum() if len(grads) == 1 else sum(g.sum(dtype=torch.float32) for g in grads)
+        if bool(torch.isfinite(total)):  # a sum is non-finite if any entry is (or, rarely, if it overflows)
+            return
+        for key, g in zip(keys, grads):
+            if not bool(torch.isfinite(g).all()):
+                nan, inf = int(torch.isnan(g).sum()), int(torch.isinf(g).sum())
+                raise ValueError(f"gradient for {key!r} has non-finite entries ({nan} NaN, {inf} inf); nothing was "
+                                 "compressed or sent (lower the learning rate, clip, or find the overflow)")
+
+    def _state_for(self, key: Hashable, g: torch.Tensor, store: dict) -> torch.Tensor | None:
+        """``store[key]`` checked against ``g`` (shape, dtype; moved to g's device), or None if new."""
+        t = store.get(key)
+        if t is None:
+            return None
+        if t.shape != g.shape:
+            raise ValueError(f"key {key!r} was used with shape {tuple(t.shape)}, now got a gradient of shape "
+                             f"{tuple(g.shape)}; use one key per tensor (expected shape {tuple(t.shape)})")
+        if t.dtype != g.dtype:
+            raise ValueError(f"key {key!r} holds {t.dtype} state, now got a {g.dtype} gradient (expected {t.dtype})")
+        if t.device != g.device:
+            t = store[key] = t.to(g.device)
+        return t
+
     def compress_group(self, keys: Sequence[Hashable], grads: Sequence[torch.Tensor],
-                       clip_scale: float = 1.0) -> SparseGrad:
+                       clip_scale: float = 1.0, *, check_finite: bool = True) -> SparseGrad:
         """Compress several tensors as ONE flat vector (a DDP bucket): top-k over their concatenation.
 
         ``clip_scale`` scales the local clipping threshold (the hook passes sqrt(group/total numel)).
-        Indices address the concatenation of the flattened gradients in the given order.
+        Indices address the concatenation of the flattened gradients in the given order. Errors as in
+        :meth:`compress`; ``check_finite=False`` skips the NaN/inf check (and its host sync): the DDP hook
+        checks at its validation iterations instead.
         """
         if len(keys) != len(grads) or not grads:
             raise ValueError(f"keys and grads must be non-empty and of equal length, got {len(keys)} and {len(grads)}")
-        grads = [g.detach() for g in grads]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"keys must be distinct, got {list(keys)!r}")
         for key, g in zip(keys, grads):
             if not isinstance(g, torch.Tensor) or not g.is_floating_point():
                 raise TypeError(f"grad for {key!r} must be a floating-point tensor")
+        grads = [g.detach() for g in grads]
+        for key, g in zip(keys, grads):
+            self._state_for(key, g, self.u)
+            self._state_for(key, g, self.v)
+        if check_finite:
+            self._check_finite(keys, grads)
         if self.clip_norm is not None:
             thr = self.clip_norm * clip_scale / math.sqrt(self.world_size)
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
@@ -388,10 +460,11 @@ class DGCCompressor:
         us = []
         for key, g in zip(keys, grads):
             u = self.u.get(key)
-            if u is None or u.shape != g.shape:
+            if u is None:
                 u = self.u[key] = torch.zeros_like(g)
-                self.v[key] = torch.zeros_like(g)
-            v = self.v[key]
+            v = self.v.get(key)
+            if v is None:
+                v = self.v[key] = torch.zeros_like(g)
             if self.nesterov:
                 u.add_(g).mul_(m)
                 v.add_(u).add_(g)
@@ -433,18 +506,27 @@ class DGCCompressor:
         self._count(n * flat.element_size(), sg.nbytes, sparse=True)
         return sg
 
-    def send_dense(self, grad: torch.Tensor) -> torch.Tensor:
-        """A tensor sent densely (``dim() < min_dim``): counts its bytes and returns it unchanged."""
+    def send_dense(self, grad: torch.Tensor, key: Hashable = None, *, check_finite: bool = True) -> torch.Tensor:
+        """A tensor sent densely (``dim() < min_dim``): counts its bytes and returns it unchanged.
+
+        ValueError (naming ``key``) when it holds NaN/inf and ``check_finite`` (one host sync).
+        """
+        if not isinstance(grad, torch.Tensor) or not grad.is_floating_point():
+            raise TypeError(f"grad for {key!r} must be a floating-point tensor")
+        if check_finite:
+            self._check_finite([key], [grad.detach()])
         b = grad.numel() * grad.element_size()
         self._count(b, b, sparse=False)
         return grad
 
     # ------------------------------------------------------------------ receiver side
-    def decompress(self, sparse: Sequence[SparseGrad], shape: Iterable[int] | int) -> torch.Tensor:
+    def decompress(self, sparse: Sequence[SparseGrad], shape: Iterable[int] | int, *,
+                   check: bool = True) -> torch.Tensor:
         """``(1/world_size) * sum_k scatter(values_k, indices_k)`` reshaped to ``shape``.
 
         Raises ValueError when the list does not hold one part per worker, or a part is malformed
         (indices out of range, sizes that disagree, non-finite values): nothing garbled is averaged.
+        ``check=False`` skips the data-dependent checks (host syncs); the arithmetic is the same.
         """
         shape = torch.Size([shape]) if isinstance(shape, int) else torch.Size(shape)
         numel = shape.numel()
@@ -453,17 +535,17 @@ class DGCCompressor:
         out = None
         for r, s in enumerate(sparse):
             try:
-                idx = s.flat_indices()
+                idx = s.flat_indices(check=check)
             except ValueError as e:
                 raise ValueError(f"malformed part from worker {r}: {e}") from None
             if s.values.dim() != 1 or idx.shape != s.values.shape:
                 raise ValueError(f"malformed part from worker {r}: values {tuple(s.values.shape)} and indices "
                                  f"{tuple(idx.shape)} must be 1-d of equal length")
-            if idx.numel():
+            if check and idx.numel():
                 lo, hi = int(idx.min()), int(idx.max())
                 if lo < 0 or hi >= numel:
                     raise ValueError(f"malformed part from worker {r}: indices in [{lo}, {hi}] outside [0, {numel})")
-            if not bool(torch.isfinite(s.values).all()):
+            if check and not bool(torch.isfinite(s.values).all()):
                 raise ValueError(f"malformed part from worker {r}: non-finite values")
             if out is None:
                 out = s.values.new_zeros(numel)
@@ -475,32 +557,69 @@ class DGCCompressor:
         m = self.momentum
         if m == 0.0:
             return avg_grad
-        u = self.dense_u.get(key)
-        if u is None or u.shape != avg_grad.shape:
+        u = self._state_for(key, avg_grad, self.dense_u)
+        if u is None:
             u = self.dense_u[key] = avg_grad.detach().clone()
         else:
             u.mul_(m).add_(avg_grad)
         return avg_grad + m * u if self.nesterov else u.clone()
 
     # ------------------------------------------------------------------ state
+    _COUNTERS = ("bytes_dense", "bytes_sent", "bytes_dense_steady", "bytes_sent_steady",
+                 "bytes_dense_steady_sparse", "bytes_sent_steady_sparse")
+
     def state_dict(self) -> dict[str, Any]:
-        """u, v, dense momentum (cloned, keyed as given), epoch, density and byte counters."""
-        return {"u": {k: t.clone() for k, t in self.u.items()}, "v": {k: t.clone() for k, t in self.v.items()},
-                "dense_u": {k: t.clone() for k, t in self.dense_u.items()}, "epoch": self.epoch,
-                "counters": {k: getattr(self, k) for k in ("bytes_dense", "bytes_sent", "bytes_dense_steady",
-                                                             "bytes_sent_steady", "bytes_dense_steady_sparse",
-                                                             "bytes_sent_steady_sparse")}}
+        """u, v, dense momentum (cloned, keyed as given), epoch, byte counters and the generator's state.
+
+        Plain tensors, ints and dicts: ``torch.save`` / ``torch.load(weights_only=True)`` carry it.
+
+        >>> a = DGCCompressor(density=0.1, warmup=None); a.compress("w", torch.randn(8, 8))
+        >>> b = DGCCompressor(density=0.1, warmup=None); b.load_state_dict(a.state_dict())
+        >>> g = torch.randn(8, 8); torch.equal(a.compress("w", g).values, b.compress("w", g).values)   # True
+        """
+        out = {"u": {k: t.clone() for k, t in self.u.items()}, "v": {k: t.clone() for k, t in self.v.items()},
+               "dense_u": {k: t.clone() for k, t in self.dense_u.items()}, "epoch": self.epoch,
+               "counters": {k: getattr(self, k) for k in self._COUNTERS}}
+        if self.generator is not None:
+            out["generator"] = self.generator.get_state()
+        return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (same constructor arguments assumed); KeyError/ValueError if malformed.
+
+        Nothing changes when it raises. With ``sample_ratio`` and ``generator=None`` the sampled offsets come
+        from torch's global RNG, whose state the caller saves (``torch.get_rng_state()``).
+        """
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict from state_dict(), got {type(state).__name__}")
         for name in ("u", "v", "dense_u", "epoch", "counters"):
             if name not in state:
                 raise KeyError(f"state_dict misses {name!r}")
+        for name in ("u", "v", "dense_u"):
+            if not isinstance(state[name], dict) or not all(isinstance(t, torch.Tensor) for t in state[name].values()):
+                raise ValueError(f"state_dict[{name!r}] must map keys to tensors")
+        if set(state["u"]) != set(state["v"]):
+            raise ValueError(f"state_dict['u'] and ['v'] must have the same keys, got {sorted(map(str, state['u']))} "
+                             f"and {sorted(map(str, state['v']))}")
+        for k, u in state["u"].items():
+            v = state["v"][k]
+            if u.shape != v.shape or u.dtype != v.dtype:
+                raise ValueError(f"state for key {k!r}: u is {tuple(u.shape)} {u.dtype} but v is {tuple(v.shape)} "
+                                 f"{v.dtype}; expected equal shapes and dtypes")
+        unknown = set(state["counters"]) - set(self._COUNTERS)
+        if unknown:
+            raise ValueError(f"state_dict['counters'] has unknown entries {sorted(unknown)}")
+        if "generator" in state and self.generator is None:
+            raise ValueError("state_dict holds a generator state but this compressor has generator=None; "
+                             "construct it with a torch.Generator to continue the same sampled thresholds")
+        self.set_epoch(state["epoch"])
         self.u = {k: t.clone() for k, t in state["u"].items()}
         self.v = {k: t.clone() for k, t in state["v"].items()}
         self.dense_u = {k: t.clone() for k, t in state["dense_u"].items()}
-        self.set_epoch(state["epoch"])
         for k, val in state["counters"].items():
             setattr(self, k, int(val))
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
 
     def __repr__(self) -> str:
         return (f"DGCCompressor(density={self.final_density:g}, momentum={self.momentum:g}, nesterov={self.nesterov}, "

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .._validate import real_scalar
+from .._validate import positive_int, real_in, real_scalar
 from ..data import TensorBatches
 from ..engine import accuracy, fit
 from ..nn.hypernetwork import HyperClient, load_state_strict
@@ -71,16 +71,10 @@ def dirichlet_split(x: torch.Tensor, y: torch.Tensor, num_clients: int, alpha: f
         raise TypeError("x and y must be tensors")
     if len(x) != len(y):
         raise ValueError(f"x has {len(x)} rows but y has {len(y)}")
-    if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
-        raise ValueError(f"num_clients must be a positive int, got {num_clients!r}")
-    alpha = real_scalar("alpha", alpha)
-    if alpha <= 0:
-        raise ValueError(f"alpha must be > 0, got {alpha}")
-    test_frac = real_scalar("test_frac", test_frac)
-    if not 0 <= test_frac < 1:
-        raise ValueError(f"test_frac must be in [0, 1), got {test_frac}")
-    if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 1:
-        raise ValueError(f"min_size must be a positive int, got {min_size!r}")
+    num_clients = positive_int("num_clients", num_clients)
+    alpha = real_in("alpha", alpha, 0.0, low_open=True)
+    test_frac = real_in("test_frac", test_frac, 0.0, 1.0, high_open=True)
+    min_size = positive_int("min_size", min_size)
     if num_clients * min_size > len(y):
         raise ValueError(f"cannot give {num_clients} clients {min_size} samples each from {len(y)} samples")
     rng = np.random.default_rng(seed)

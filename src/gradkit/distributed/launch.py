@@ -24,6 +24,8 @@ import traceback
 from datetime import timedelta
 from typing import Any, Callable
 
+from .._validate import positive_int
+
 __all__ = ["run_workers", "WorkerError"]
 
 
@@ -64,14 +66,12 @@ def run_workers(fn: Callable[..., Any], world_size: int, *args: Any, backend: st
     Returns the workers' return values ordered by rank. Raises :class:`WorkerError` when a worker raises
     (its traceback is in the message), exits without a result, or the whole run exceeds ``timeout`` seconds.
     """
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    world_size = positive_int("world_size", world_size)
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
     if not (isinstance(timeout, (int, float)) and timeout > 0):
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads must be a positive int, got {threads!r}")
+    threads = positive_int("threads", threads)
     ctx = mp.get_context("spawn")
     tmp = tempfile.mkdtemp(prefix="gradkit-dist-")
     results = ctx.Queue()

@@ -57,7 +57,8 @@ class CompressorAggregator(Aggregator):
 
     mode: ``"tensor"`` compresses each tensor with ``dim() >= min_dim`` on its own (official code);
     ``"flat"`` compresses all of them as one flat vector in parameter order (a single DDP bucket).
-    The dense tensors are averaged and get the compressors' momentum after averaging.
+    The dense tensors are averaged and get the compressors' momentum after averaging. A worker's NaN/inf
+    gradient raises ValueError naming the parameter (nothing is averaged).
     """
 
     def __init__(self, compressors: Sequence[DGCCompressor], mode: str = "tensor") -> None:
@@ -110,7 +111,7 @@ class CompressorAggregator(Aggregator):
                 out[i] = flat[pos:pos + n].view(params[i].shape)
                 pos += n
         for i in dense:
-            avg = sum(c.send_dense(g[i]) for c, g in zip(self.compressors, grads)) / self.world_size
+            avg = sum(c.send_dense(g[i], names[i]) for c, g in zip(self.compressors, grads)) / self.world_size
             updates = [c.dense_momentum(names[i], avg) for c in self.compressors]
             out[i] = updates[0]
         return out  # type: ignore[return-value]

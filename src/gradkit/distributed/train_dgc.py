@@ -6,7 +6,7 @@ Run it as a user would (CPU, gloo)::
     python -m torch.distributed.run --nproc_per_node 2 -m gradkit.distributed.train_dgc --dense   # baseline
 
 Every rank trains on its own shard (rows rank, rank+N, ...) with batches of ``--batch-size``; the gradient
-exchange is :func:`gradkit.distributed.dgc_hook.dgc_comm_hook` (momentum lives in the compressor, so the
+exchange is :func:`gradkit.distributed.dgc_hook.dgc_hook` (momentum lives in the compressor, so the
 optimizer is plain SGD) or, with ``--dense``, DDP's default all-reduce with SGD momentum. Rank 0 prints one
 line per epoch and a final JSON line (test accuracy, compression ratios). :func:`train` is the per-rank
 worker and is also used by the tests through :func:`gradkit.distributed.launch.run_workers`.
@@ -29,7 +29,7 @@ from torch import nn
 from ..data import Split, TensorBatches, load_digits_split
 from ..engine import accuracy, fit, seed_everything
 from .dgc import DGCCompressor
-from .dgc_hook import DGCHookState, dgc_comm_hook
+from .dgc_hook import DGCState, dgc_hook
 from .simulate import shard
 
 __all__ = ["TrainConfig", "build_model", "train", "main"]
@@ -108,8 +108,8 @@ def train(rank: int, world_size: int, cfg: TrainConfig, split: Split | None = No
     if cfg.dense:
         opt = torch.optim.SGD(ddp.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     else:
-        state = DGCHookState(make_compressor(cfg, world_size), module=ddp)
-        ddp.register_comm_hook(state, dgc_comm_hook)
+        state = DGCState(make_compressor(cfg, world_size), module=ddp)
+        ddp.register_comm_hook(state, dgc_hook)
         opt = torch.optim.SGD(ddp.parameters(), lr=cfg.lr, momentum=0.0)
 
     def on_epoch_start(epoch: int) -> None:

@@ -24,24 +24,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .._validate import real_scalar
+from .._validate import integer, positive_int, real_scalar
 
 EPS = 1e-8
 
 
 # ------------------------------------------------------------------------------------------ math helpers
-def _check_bits(bits) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
-        raise ValueError(f"bits must be an int in [1, 16], got {bits!r}")
-    return bits
-
-
-def _check_groups(groups) -> int:
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
-    return groups
-
-
 def _grouped(x: torch.Tensor, groups: int, group_dim: int) -> tuple[torch.Tensor, int]:
     """View ``x`` as ``shape[:d] + (groups, size // groups) + shape[d+1:]``; return it and the group axis."""
     if x.dim() == 0:
@@ -88,7 +76,7 @@ def quantize(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, *, bits: 
     q = clamp(floor((x - beta) * s + u), 0, L-1), s = (L-1)/max(|alpha|, eps), u ~ U(0,1) (or u = 1/2
     when ``stochastic=False``: round to nearest). Stored as uint8 (bits <= 8) or int16 minus 2**15.
     """
-    bits = _check_bits(bits)
+    bits = integer("bits", bits, low=1, high=16)
     levels = 2 ** bits - 1
     cdt = torch.promote_types(x.dtype, torch.float32)
     xg, d = _grouped(x.detach().to(cdt), groups, group_dim)
@@ -109,7 +97,7 @@ def quantize(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, *, bits: 
 def dequantize(codes: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, *, bits: int = 8, groups: int = 1,
                group_dim: int = -1, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """x_hat = q / s + beta with s = (L-1)/max(|alpha|, eps), per group; returned in ``dtype``."""
-    bits = _check_bits(bits)
+    bits = integer("bits", bits, low=1, high=16)
     levels = 2 ** bits - 1
     cdt = torch.promote_types(dtype, torch.float32)
     _, offset = _code_dtype(bits)
@@ -137,11 +125,9 @@ class ActQuantizer(nn.Module):
     def __init__(self, bits: int = 8, groups: int = 1, group_dim: int = -1, ema_decay: float = 0.9,
                  stochastic: bool = True) -> None:
         super().__init__()
-        self.bits = _check_bits(bits)
-        self.groups = _check_groups(groups)
-        if isinstance(group_dim, bool) or not isinstance(group_dim, int):
-            raise ValueError(f"group_dim must be an int, got {group_dim!r}")
-        self.group_dim = group_dim
+        self.bits = integer("bits", bits, low=1, high=16)
+        self.groups = positive_int("groups", groups)
+        self.group_dim = integer("group_dim", group_dim)
         ema_decay = real_scalar("ema_decay", ema_decay, tensor_ok=False)
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}")
@@ -335,8 +321,7 @@ def q_gelu(x, quantizer: ActQuantizer | None = None, approximate: str = "none") 
 
 def q_softmax(x, dim: int = -1, quantizer: ActQuantizer | None = None) -> torch.Tensor:
     """``torch.softmax`` whose saved output is quantised by ``quantizer``."""
-    if isinstance(dim, bool) or not isinstance(dim, int):
-        raise ValueError(f"dim must be an int, got {dim!r}")
+    dim = integer("dim", dim)
     return QSoftmaxFn.apply(x, dim, _q(quantizer))
 
 

@@ -4,14 +4,9 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
-from .._validate import real_scalar, tensor_list
+from .._validate import optional_generator, real_scalar, tensor_list
 
-__all__ = ["add_gradient_noise"]
-
-
-def _check_generator(generator: object) -> None:
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+__all__ = ["add_gradient_noise", "dense_grads"]
 
 
 def _noise_like(g: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -26,8 +21,8 @@ def _noise_like(g: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     return n.to(g.device, non_blocking=True)
 
 
-def _dense_grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The gradients to edit: ``.grad`` of each param that has one; sparse/non-float ones raise."""
+def dense_grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The gradients to edit in place: ``.grad`` of each param that has one; sparse/non-float ones raise."""
     grads = []
     for i, p in enumerate(params):
         g = p.grad
@@ -67,9 +62,16 @@ def add_gradient_noise(
     """
     plist = tensor_list(params)
     s = real_scalar("std", std, nonneg=True, tensor_ok=False)
-    _check_generator(generator)
-    grads = _dense_grads(plist)
+    optional_generator(generator)
+    grads = dense_grads(plist)
     if s == 0.0:
         return
     for g in grads:
         g.add_(_noise_like(g, generator), alpha=s)
+
+
+# The names gradkit.optim.gradient_noise imported before these helpers were public; it is being edited
+# elsewhere and should import gradkit._validate.optional_generator and dense_grads instead, after which
+# these two aliases go.
+_check_generator = optional_generator
+_dense_grads = dense_grads

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._validate import real_scalar
-from .straight_through import _sign_pm1, register_estimator
+from .._validate import boolean, is_int, real_in, real_scalar, tensor
+from .straight_through import register_estimator, sign_pm1
 
 __all__ = ["BiPerSign", "ApproxSign", "NormApproxSign", "biper_binarize", "biper_derivative", "approx_sign",
            "approx_sign_derivative", "norm_approx_sign", "check_freq", "ACT_NORM_EPS"]
@@ -40,17 +40,6 @@ def check_freq(freq: Any) -> float:
     if f <= 0.0:
         raise ValueError(f"freq must be > 0 (the square wave's angular frequency omega_0), got {f}")
     return f
-
-
-def _check_tensor(x: Any, name: str, finite: bool) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-    if finite and not bool(torch.isfinite(x).all()):
-        bad = int((~torch.isfinite(x)).sum())
-        raise ValueError(f"{name} must be finite, got {bad} non-finite value(s) (NaN/inf) in a tensor of "
-                         f"shape {tuple(x.shape)}")
 
 
 def _work(x: Tensor) -> Tensor:
@@ -68,7 +57,7 @@ def biper_derivative(w: Tensor, freq: Any) -> Tensor:
     >>> biper_derivative(torch.tensor([0.0, 3.14159265 / 20]), 20.0)
     tensor([ 20., -20.])
     """
-    _check_tensor(w, "w", finite=False)
+    tensor("w", w, floating=True)
     return _biper_derivative(w, check_freq(freq))
 
 
@@ -86,7 +75,7 @@ def approx_sign_derivative(x: Tensor) -> Tensor:
     >>> approx_sign_derivative(torch.tensor([0.0, 0.5, 1.0, 2.0]))
     tensor([2., 1., 0., 0.])
     """
-    _check_tensor(x, "x", finite=False)
+    tensor("x", x, floating=True)
     return _approx_sign_derivative(x)
 
 
@@ -111,9 +100,9 @@ class BiPerSign(torch.autograd.Function):
 
     @staticmethod
     def forward(w: Tensor, freq: Any) -> Tensor:
-        _check_tensor(w, "w", finite=False)
+        tensor("w", w, floating=True)
         f = check_freq(freq)
-        s = _sign_pm1(torch.mul(_work(w), f).sin_())
+        s = sign_pm1(torch.mul(_work(w), f).sin_())
         return s if s.dtype == w.dtype else s.to(w.dtype)
 
     @staticmethod
@@ -146,8 +135,8 @@ class ApproxSign(torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor) -> Tensor:
-        _check_tensor(x, "x", finite=False)
-        return _sign_pm1(x)
+        tensor("x", x, floating=True)
+        return sign_pm1(x)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
@@ -163,10 +152,9 @@ class ApproxSign(torch.autograd.Function):
 
 
 def _check_dims(x: Tensor, dims: Any) -> tuple[int, ...]:
-    if isinstance(dims, int) and not isinstance(dims, bool):
+    if is_int(dims):
         dims = (dims,)
-    if (not isinstance(dims, (tuple, list)) or not dims
-            or any(isinstance(d, bool) or not isinstance(d, int) for d in dims)):
+    if not isinstance(dims, (tuple, list)) or not dims or not all(is_int(d) for d in dims):
         raise TypeError(f"dims must be an int or a non-empty tuple of ints, got {dims!r}")
     nd = x.dim()
     if any(not -nd <= d < nd for d in dims):
@@ -186,10 +174,7 @@ def _group_size(x: Tensor, dims: tuple[int, ...]) -> int:
 
 
 def _check_eps(eps: Any) -> float:
-    eps = real_scalar("eps", eps)
-    if eps <= 0.0:
-        raise ValueError(f"eps must be > 0, got {eps}")
-    return eps
+    return real_in("eps", eps, 0.0, low_open=True)
 
 
 class NormApproxSign(torch.autograd.Function):
@@ -210,8 +195,8 @@ class NormApproxSign(torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor, dims: Any, eps: Any = ACT_NORM_EPS) -> Tensor:
-        _check_tensor(x, "x", finite=False)
-        return _sign_pm1(x)
+        tensor("x", x, floating=True)
+        return sign_pm1(x)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
@@ -251,10 +236,9 @@ def biper_binarize(w: Tensor, freq: Any = 20.0, hard: bool = True) -> Tensor:
     >>> b = biper_binarize(w, freq=20.0)          # exactly +-1
     >>> s = biper_binarize(w, 20.0, hard=False)    # stage 1: sin(20 w)
     """
-    _check_tensor(w, "w", finite=True)
+    tensor("w", w, floating=True, finite=True)
     f = check_freq(freq)
-    if not isinstance(hard, bool):
-        raise TypeError(f"hard must be a bool, got {type(hard).__name__} {hard!r}")
+    boolean("hard", hard)
     if hard:
         return BiPerSign.apply(w, f)
     return torch.sin(w * f)
@@ -269,7 +253,7 @@ def approx_sign(x: Tensor) -> Tensor:
     >>> b = approx_sign(a)         # exactly +-1
     >>> b.sum().backward()         # a.grad = max(0, 2 - 2|a|)
     """
-    _check_tensor(x, "x", finite=True)
+    tensor("x", x, floating=True, finite=True)
     return ApproxSign.apply(x)
 
 
@@ -283,7 +267,7 @@ def norm_approx_sign(x: Tensor, dims: Any = -1, eps: Any = ACT_NORM_EPS) -> Tens
     >>> b = norm_approx_sign(a, dims=(1, 2, 3))    # exactly +-1, = sign(a)
     >>> b.sum().backward()
     """
-    _check_tensor(x, "x", finite=True)
+    tensor("x", x, floating=True, finite=True)
     dims = _check_dims(x, dims)
     _group_size(x, dims)
     return NormApproxSign.apply(x, dims, _check_eps(eps))

@@ -12,12 +12,12 @@ on ``L_y + L_d(G_d(R(G_f(x))))`` moves ``G_d`` to *minimise* the domain loss and
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from .._validate import real_scalar
 
 __all__ = ["GradReverse", "grad_reverse", "check_lambda"]
 
@@ -37,13 +37,7 @@ def check_lambda(lambda_: Any, name: str = "lambda_") -> float | Tensor:
         if not bool(torch.isfinite(lam)):
             raise ValueError(f"{name} must be finite, got {lam.item()}")
         return lam
-    if isinstance(lambda_, bool) or not isinstance(lambda_, numbers.Real):
-        raise TypeError(f"{name} must be a real number or a 0-dim tensor, got "
-                        f"{type(lambda_).__name__} {lambda_!r}")
-    value = float(lambda_)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
+    return real_scalar(name, lambda_, tensor_ok=False)
 
 
 class GradReverse(torch.autograd.Function):

@@ -27,7 +27,7 @@ from ..registry import Registry
 from .._validate import real_scalar
 
 __all__ = [
-    "binarize_sign", "power_surrogate", "reste_derivative", "ste_derivative", "ReSTESign", "STESign",
+    "binarize_sign", "sign_pm1", "power_surrogate", "reste_derivative", "ste_derivative", "ReSTESign", "STESign",
     "reste_sign", "ste_sign", "Estimator", "ESTIMATORS", "get_estimator", "register_estimator",
 ]
 
@@ -65,7 +65,12 @@ def _clip_param(clip: Any) -> float:
 
 
 # ---------------------------------------------------------------------------------------- math
-def _sign_pm1(x: Tensor) -> Tensor:
+def sign_pm1(x: Tensor) -> Tensor:
+    """``sign(x)`` with ``sign(0) := +1``, unchecked and not detached: the shared kernel of the binarisers.
+
+    Outputs exactly +-1 (NaN stays NaN, +-inf gives +-1). Callers validate ``x``; users want
+    :func:`binarize_sign`.
+    """
     # sign(2 sign(x) + 1) maps -1 -> -1, 0 -> +1, +1 -> +1 (arithmetic is faster than masked_fill on CPU);
     # adding 0 * clamp(x, -1, 1) keeps NaN as NaN (torch.sign(nan) is 0) and leaves +-inf at +-1
     s = torch.sign(x).mul_(2.0).add_(1.0).sign_()
@@ -75,7 +80,7 @@ def _sign_pm1(x: Tensor) -> Tensor:
 def binarize_sign(x: Tensor) -> Tensor:
     """``sign(x)`` with ``sign(0) := +1`` (outputs exactly +-1; NaN stays NaN). No custom gradient."""
     _check_x(x)
-    return _sign_pm1(x.detach())
+    return sign_pm1(x.detach())
 
 
 def _work_dtype(x: Tensor) -> torch.dtype:
@@ -158,7 +163,7 @@ class ReSTESign(torch.autograd.Function):
     def forward(x: Tensor, o: Any, t: Any = RESTE_T, interval: Any = RESTE_INTERVAL) -> Tensor:
         _check_x(x)
         _reste_params(o, t, interval)
-        return _sign_pm1(x)
+        return sign_pm1(x)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
@@ -192,7 +197,7 @@ class STESign(torch.autograd.Function):
     def forward(x: Tensor, clip: Any = 1.0) -> Tensor:
         _check_x(x)
         _clip_param(clip)
-        return _sign_pm1(x)
+        return sign_pm1(x)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:

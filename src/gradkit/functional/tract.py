@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from .._validate import real_scalar
+from .._validate import choice, is_int, real_scalar
 
 __all__ = ["tract_weight_grad", "tract_linear", "tract_conv2d", "TrActLinearFn", "TrActConv2dFn", "SOLVERS",
            "FORMS", "conv2d_patches", "conv2d_second_moment", "check_solver"]
@@ -33,8 +33,7 @@ FORMS = ("auto", "features", "batch")
 
 def check_solver(solver: Any) -> str:
     """Validate the linear-system method: 'solve' (LU), 'cholesky' (SPD) or 'inverse' (official code)."""
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    choice("solver", solver, SOLVERS)
     return solver
 
 
@@ -138,8 +137,7 @@ def tract_weight_grad(X: Tensor, G: Tensor, lambda_: float = 0.1, *, solver: str
         raise ValueError(f"X and G must be on the same device, got {X.device} and {G.device}")
     lam = real_scalar("lambda_", lambda_, nonneg=True)
     check_solver(solver)
-    if form not in FORMS:
-        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    choice("form", form, FORMS)
     return _weight_grad(X, G, lam, solver, form)
 
 
@@ -299,10 +297,8 @@ class TrActConv2dFn(torch.autograd.Function):
 
 
 def _pair(name: str, v: Any, minimum: int) -> tuple[int, int]:
-    vals = (v, v) if isinstance(v, int) and not isinstance(v, bool) else tuple(v) if isinstance(v, (tuple, list)) \
-        else None
-    if vals is None or len(vals) != 2 or any(isinstance(a, bool) or not isinstance(a, int) or a < minimum
-                                              for a in vals):
+    vals = (v, v) if is_int(v) else tuple(v) if isinstance(v, (tuple, list)) else None
+    if vals is None or len(vals) != 2 or not all(is_int(a, low=minimum) for a in vals):
         raise ValueError(f"{name} must be an int >= {minimum} or a pair of them, got {v!r}")
     return (int(vals[0]), int(vals[1]))
 

@@ -15,15 +15,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .._validate import real_scalar
+from .._validate import integer, is_int, real_scalar
 
 __all__ = ["LayeredGenerator", "small_generator", "SmallVAE", "vae_loss", "train_small_generator"]
-
-
-def _check_int(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
 
 
 class LayeredGenerator(nn.Module):
@@ -46,7 +40,7 @@ class LayeredGenerator(nn.Module):
             if not isinstance(b, nn.Module):
                 raise TypeError(f"blocks[{i}] must be an nn.Module, got {type(b).__name__}")
         self.blocks = nn.ModuleList(blocks)
-        self.latent_dim = _check_int("latent_dim", latent_dim, 1)
+        self.latent_dim = integer("latent_dim", latent_dim, low=1)
 
     @property
     def num_blocks(self) -> int:
@@ -54,9 +48,7 @@ class LayeredGenerator(nn.Module):
         return len(self.blocks)
 
     def _stage(self, k: int) -> int:
-        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= self.num_blocks:
-            raise ValueError(f"stage must be an int in [0, {self.num_blocks}], got {k!r}")
-        return k
+        return integer("stage", k, low=0, high=self.num_blocks)
 
     def forward_between(self, j: int, k: int, h: torch.Tensor) -> torch.Tensor:
         """h_k from h_j: g_k o ... o g_{j+1} (h_j) for 0 <= j <= k <= L (j = k returns h itself)."""
@@ -108,14 +100,14 @@ def small_generator(latent_dim: int = 16, image_size: int = 8, channels: tuple[i
     >>> gen.stage_shapes()   # [(16,), (32, 2, 2), (32, 4, 4), (16, 8, 8), (1, 8, 8)]
     >>> x = gen.eval()(torch.randn(3, 16))   # (3, 1, 8, 8) in [0, 1]
     """
-    _check_int("latent_dim", latent_dim, 1)
-    _check_int("image_size", image_size, 4)
+    integer("latent_dim", latent_dim, low=1)
+    integer("image_size", image_size, low=4)
     if image_size % 4:
         raise ValueError(f"image_size must be a multiple of 4, got {image_size}")
     if (not isinstance(channels, (tuple, list)) or len(channels) != 2
-            or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in channels)):
+            or not all(is_int(c, low=1) for c in channels)):
         raise ValueError(f"channels must be two positive ints, got {channels!r}")
-    _check_int("out_channels", out_channels, 1)
+    integer("out_channels", out_channels, low=1)
     slope = real_scalar("negative_slope", negative_slope, nonneg=True)
     c0, c1 = channels
     b = image_size // 4
@@ -145,9 +137,9 @@ class SmallVAE(nn.Module):
         if not isinstance(decoder, LayeredGenerator):
             raise TypeError(f"decoder must be a LayeredGenerator, got {type(decoder).__name__}")
         if (not isinstance(image_shape, (tuple, list)) or not image_shape
-                or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in image_shape)):
+                or not all(is_int(s, low=1) for s in image_shape)):
             raise ValueError(f"image_shape must be a tuple of positive ints, got {image_shape!r}")
-        _check_int("hidden", hidden, 1)
+        integer("hidden", hidden, low=1)
         n_in = 1
         for s in image_shape:
             n_in *= s
@@ -209,8 +201,8 @@ def train_small_generator(images: torch.Tensor, *, latent_dim: int = 16, kind: s
         raise ValueError(f"images must lie in [0, 1], got range [{float(images.min()):.3g}, {float(images.max()):.3g}]")
     if images.shape[2] != images.shape[3]:
         raise ValueError(f"images must be square, got {images.shape[2]}x{images.shape[3]}")
-    _check_int("epochs", epochs, 0)
-    _check_int("batch_size", batch_size, 1)
+    integer("epochs", epochs, low=0)
+    integer("batch_size", batch_size, low=1)
     lr = real_scalar("lr", lr, nonneg=True)
     gen = seed_everything(seed)
     decoder = small_generator(latent_dim, images.shape[2], channels, images.shape[1])

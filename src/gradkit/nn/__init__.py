@@ -8,11 +8,11 @@ from .gbnn import BoostedMLP, GradientBoostedMLP, switch_off_units
 from .gradient_reversal import DomainClassifier, GradientReversal, domain_loss
 from .hessian_alignment import HessianAlignment, hessian_gradient_product, hutchinson_diag, risk_variance
 from .hypernetwork import HyperClient, HyperNetwork
-from .maskable_dropout import DropoutMLP, MaskableDropout, convert_dropout, dropout_mode
+from .maskable_dropout import MaskableDropout, convert_dropout, dropout_mode
 from .mesa import MesaAttention, MesaLinear, mesa_convert, set_mesa_enabled
 from .modulation import AGM, AGMController, GradientScale, grad_scale, shapley_outputs
 from .periodic import BiPerConv2d, BiPerLinear, set_stage
-from .peri_ln import ResidualNormBlock, TinyTransformerLM
+from .peri_ln import ResidualNormBlock
 from .pgi import CBFuse, CBLinear, DeepSupervision, PGIWrapper
 from .rev_mbconv import MBConv3d, RevMBConv3d, RevMBConvUNet3d
 from .revcol import RevColNet, ReversibleColumnStack
@@ -24,8 +24,8 @@ __all__ = ["GradientReversal", "DomainClassifier", "domain_loss", "BinaryModule"
            "TrActConv2d", "tract", "AGM", "AGMController", "GradientScale", "grad_scale", "shapley_outputs",
            "PGIWrapper", "DeepSupervision", "CBLinear", "CBFuse", "HessianAlignment", "hessian_gradient_product",
            "hutchinson_diag", "risk_variance", "GradientBoostedMLP", "BoostedMLP", "switch_off_units",
-           "EvoNormB0", "EvoNormS0", "replace_bn_relu", "ResidualNormBlock", "TinyTransformerLM",
+           "EvoNormB0", "EvoNormS0", "replace_bn_relu", "ResidualNormBlock",
            "ReversibleBlock", "ReversibleSequential", "ReversibleStep", "ReversibleColumnStack", "RevColNet",
            "MesaLinear", "MesaAttention", "mesa_convert", "set_mesa_enabled",
-           "MBConv3d", "RevMBConv3d", "RevMBConvUNet3d", "MaskableDropout", "DropoutMLP", "convert_dropout",
+           "MBConv3d", "RevMBConv3d", "RevMBConvUNet3d", "MaskableDropout", "convert_dropout",
            "dropout_mode", "HyperNetwork", "HyperClient"]

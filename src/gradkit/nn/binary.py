@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..functional.straight_through import Estimator, get_estimator
-from .._validate import real_scalar
+from .._validate import boolean, real_scalar
 
 __all__ = ["BinaryModule", "BinaryLinear", "BinaryConv2d", "binary_modules", "set_estimator_param"]
 
@@ -31,8 +31,7 @@ class BinaryModule(nn.Module):
     def _init_binary(self, estimator: str | Estimator, binarize_act: bool, scale: str | None, o: float) -> None:
         self._estimator_fn = get_estimator(estimator)
         self.estimator = _estimator_name(estimator)
-        if not isinstance(binarize_act, bool):
-            raise ValueError(f"binarize_act must be a bool, got {binarize_act!r}")
+        boolean("binarize_act", binarize_act)
         if scale not in _SCALES:
             raise ValueError(f"scale must be 'mean_abs' or None, got {scale!r}")
         self.binarize_act = binarize_act

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .._validate import ArgumentError, real_scalar
+from .._validate import ArgumentError, boolean, choice, positive_int, real_scalar
 
 __all__ = ["EvoNormB0", "EvoNormS0", "evonorm_b0", "evonorm_s0", "group_std", "instance_std", "batch_var",
            "resolve_groups", "replace_bn_relu"]
@@ -38,12 +38,6 @@ def _check_input(x: Tensor, num_features: int | None, who: str) -> None:
         raise ValueError(f"{who} expects {num_features} channels (dim 1), got shape {tuple(x.shape)}")
 
 
-def _pos_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ArgumentError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 def _eps(value: object) -> float:
     eps = real_scalar("eps", value, tensor_ok=False)
     if eps <= 0:
@@ -56,12 +50,6 @@ def _momentum(value: object) -> float:
     if not 0.0 <= m <= 1.0:
         raise ArgumentError(f"momentum must be finite and in [0, 1], got {value!r}")
     return m
-
-
-def _bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ArgumentError(f"{name} must be a bool, got {value!r}")
-    return value
 
 
 def _stat_input(x: Tensor) -> Tensor:
@@ -105,13 +93,13 @@ def resolve_groups(num_channels: int, groups: int = 32, group_size: int | None =
     ``fallback=True`` follows the official TF code (decrement ``groups`` until it divides the channel
     count: 48 channels with 32 groups -> 24); ``fallback=False`` follows timm and raises instead.
     """
-    num_channels = _pos_int("num_channels", num_channels)
+    num_channels = positive_int("num_channels", num_channels)
     if group_size is not None:
-        group_size = _pos_int("group_size", group_size)
+        group_size = positive_int("group_size", group_size)
         if num_channels % group_size:
             raise ValueError(f"group_size={group_size} must divide num_features={num_channels}")
         return num_channels // group_size
-    groups = _pos_int("groups", groups)
+    groups = positive_int("groups", groups)
     if num_channels % groups == 0:
         return groups
     if not fallback:
@@ -176,7 +164,7 @@ def evonorm_s0(x: Tensor, v: Tensor, gamma: Tensor, beta: Tensor, groups: int = 
     eps = _eps(eps)
     if not apply_act:
         return x * _per_channel(gamma) + _per_channel(beta)
-    groups = _pos_int("groups", groups)
+    groups = positive_int("groups", groups)
     return x * torch.sigmoid(_per_channel(v) * x) / group_std(x, groups, eps) * _per_channel(gamma) \
         + _per_channel(beta)
 
@@ -185,9 +173,9 @@ def evonorm_s0(x: Tensor, v: Tensor, gamma: Tensor, beta: Tensor, groups: int = 
 class _EvoNormBase(nn.Module):
     def __init__(self, num_features: int, eps: float, apply_act: bool) -> None:
         super().__init__()
-        self.num_features = _pos_int("num_features", num_features)
+        self.num_features = positive_int("num_features", num_features)
         self.eps = _eps(eps)
-        self.apply_act = _bool("apply_act", apply_act)
+        self.apply_act = boolean("apply_act", apply_act)
         self.weight = nn.Parameter(torch.ones(num_features))   # gamma
         self.bias = nn.Parameter(torch.zeros(num_features))    # beta
         # v exists only where the layer has its non-linearity (the official code creates it there)
@@ -247,7 +235,7 @@ class EvoNormS0(_EvoNormBase):
     def __init__(self, num_features: int, groups: int = 32, group_size: int | None = None, eps: float = 1e-5,
                  apply_act: bool = True, group_fallback: bool = True) -> None:
         super().__init__(num_features, eps, apply_act)
-        self.group_fallback = _bool("group_fallback", group_fallback)
+        self.group_fallback = boolean("group_fallback", group_fallback)
         self.groups = resolve_groups(self.num_features, groups, group_size, self.group_fallback)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -278,8 +266,7 @@ def replace_bn_relu(model: nn.Module, kind: str = "S0", **kw) -> int:
         >>> replace_bn_relu(net, "S0", groups=8)
         1
     """
-    if kind not in _KINDS:
-        raise ValueError(f"kind must be one of {sorted(_KINDS)}, got {kind!r}")
+    choice("kind", kind, sorted(_KINDS))
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if "apply_act" in kw:

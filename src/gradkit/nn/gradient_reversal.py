@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._validate import boolean, is_int, positive_int
 from ..functional.reversal import check_lambda, grad_reverse
 
 __all__ = ["GradientReversal", "DomainClassifier", "domain_loss"]
@@ -77,12 +78,10 @@ class DomainClassifier(nn.Module):
     def __init__(self, in_dim: int, hidden: int | None = 100, grl: bool = True,
                  lambda_: float | Tensor = 1.0) -> None:
         super().__init__()
-        if isinstance(in_dim, bool) or not isinstance(in_dim, int) or in_dim < 1:
-            raise ValueError(f"in_dim must be a positive int, got {in_dim!r}")
-        if hidden is not None and (isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1):
+        positive_int("in_dim", in_dim)
+        if hidden is not None and not is_int(hidden, low=1):
             raise ValueError(f"hidden must be a positive int or None, got {hidden!r}")
-        if not isinstance(grl, bool):
-            raise TypeError(f"grl must be a bool, got {type(grl).__name__} {grl!r}")
+        boolean("grl", grl)
         self.in_dim = in_dim
         self.hidden = hidden
         self.grl = GradientReversal(lambda_) if grl else None

@@ -11,19 +11,22 @@ Hemati, Zhang, Estiri, Chen, "Understanding Hessian Alignment for Domain General
     loss    = R + penalty          (every parameter is trained; sg = stop-gradient, optional)
 
 Only the head enters ``g`` and ``h``; the penalty is differentiated through them (create_graph), so it
-also trains the featurizer. Helpers: :func:`hessian_gradient_product`, :func:`hutchinson_diag`,
-:func:`head_hessian` (the exact Hessian, for checks and small heads), :func:`risk_variance` (the
-V-REx penalty) and :func:`penalty_anneal` (the IRM-style warm-up of the penalty weight).
+also trains the featurizer. Helpers: :func:`risk_variance` (the V-REx penalty) and
+:func:`penalty_anneal` (the IRM-style warm-up of the penalty weight). The Hessian-vector products
+(:func:`hessian_gradient_product`, :func:`hutchinson_diag`, :func:`head_hessian`) live in
+:mod:`gradkit.curvature.hessian` and are re-exported here.
 """
 from __future__ import annotations
 
-import numbers
 from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-from .._validate import real_scalar
+from .._validate import choice, integer, optional_generator, real_scalar
+from ..curvature.hessian import (differentiable_params, exact_hessian_diag, head_hessian, hessian_gradient_product,
+                                 hgp_from_grads, hutchinson_diag, hutchinson_from_probes, loss_grads,
+                                 rademacher_probes, scalar_loss)
 
 __all__ = ["HessianAlignment", "hessian_gradient_product", "hutchinson_diag", "head_hessian",
            "risk_variance", "penalty_anneal", "METHODS"]
@@ -32,210 +35,9 @@ METHODS = ("hgp", "hutchinson", "exact_diag")
 REDUCTIONS = ("mean", "sum")
 
 
-# ------------------------------------------------------------------------------------ validation
-def _params(params: Tensor | Iterable[Tensor], name: str = "params") -> list[Tensor]:
-    """Distinct floating-point tensors that require grad, from a tensor or an iterable of tensors."""
-    if isinstance(params, Tensor):
-        items = [params]
-    else:
-        try:
-            items = list(params)
-        except TypeError:
-            raise TypeError(f"{name} must be a tensor or an iterable of tensors, "
-                            f"got {type(params).__name__}") from None
-    out: list[Tensor] = []
-    seen: set[int] = set()
-    for i, p in enumerate(items):
-        if not isinstance(p, Tensor):
-            raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(p).__name__}")
-        if not p.is_floating_point():
-            raise ValueError(f"{name}[{i}] must be a floating-point tensor, got dtype {p.dtype}")
-        if not p.requires_grad:
-            raise ValueError(f"{name}[{i}] (shape {tuple(p.shape)}) does not require grad")
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    if not out:
-        raise ValueError(f"{name} is empty: pass the classifier head's parameters")
-    return out
-
-
-def _scalar_loss(loss: object, name: str) -> Tensor:
-    if not isinstance(loss, Tensor):
-        raise TypeError(f"{name} must be a scalar torch.Tensor, got {type(loss).__name__}")
-    if loss.numel() != 1:
-        raise ValueError(f"{name} must be a scalar (one-element) loss, got shape {tuple(loss.shape)}")
-    if not loss.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point loss, got dtype {loss.dtype}")
-    if not loss.requires_grad:
-        raise ValueError(f"{name} does not require grad: compute it from the model's outputs "
-                         "(outside torch.no_grad) so that it depends on the head parameters")
-    return loss.reshape(())
-
-
 def _check_finite(t: Tensor, name: str) -> None:
     if not bool(torch.isfinite(t.detach()).all()):
         raise ValueError(f"{name} must be finite, got {t.detach().reshape(-1)[0].item()!r}")
-
-
-def _int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return int(value)
-
-
-def _check_generator(generator: object) -> None:
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-
-
-def _grad(outputs, params: list[Tensor], what: str, **kw) -> tuple[Tensor, ...]:
-    """``torch.autograd.grad`` that names the head parameter a loss does not depend on."""
-    grads = torch.autograd.grad(outputs, params, allow_unused=True, **kw)
-    for i, g in enumerate(grads):
-        if g is None:
-            raise ValueError(f"{what} does not depend on params[{i}] (shape "
-                             f"{tuple(params[i].shape)}): pass only parameters the loss uses")
-    return grads
-
-
-def _loss_grads(loss: Tensor, params: list[Tensor], name: str) -> tuple[Tensor, ...]:
-    return _grad(loss, params, name, create_graph=True)
-
-
-def _graph_grads(grads: Sequence[Tensor], params: list[Tensor]) -> list[Tensor]:
-    if isinstance(grads, Tensor):
-        grads = [grads]
-    grads = list(grads)
-    if len(grads) != len(params):
-        raise ValueError(f"grads must have one tensor per parameter: got {len(grads)} grads for "
-                         f"{len(params)} params")
-    for i, (g, p) in enumerate(zip(grads, params)):
-        if not isinstance(g, Tensor):
-            raise TypeError(f"grads[{i}] must be a torch.Tensor, got {type(g).__name__}")
-        if g.shape != p.shape:
-            raise ValueError(f"grads[{i}] has shape {tuple(g.shape)}, expected {tuple(p.shape)} "
-                             f"like params[{i}]")
-        if not g.requires_grad:
-            raise ValueError(f"grads[{i}] has no graph: compute the gradients with "
-                             "torch.autograd.grad(loss, params, create_graph=True)")
-    return grads
-
-
-# -------------------------------------------------------------------------- curvature products
-@torch.enable_grad()
-def hessian_gradient_product(loss: Tensor, params: Tensor | Iterable[Tensor],
-                             create_graph: bool = True) -> tuple[list[Tensor], list[Tensor]]:
-    """Hessian-gradient product ``H g`` of a loss w.r.t. ``params``, and the gradient ``g`` itself.
-
-    Paper slug: ``hessian-alignment`` (HGP). ``H g = grad (1/2)||g||^2 = ||g|| grad ||g||`` with
-    ``g = grad loss``: one extra backward, no Hessian formed, no NaN at ``g = 0``. ``g`` is always
-    built with a graph; with ``create_graph=True`` (default) ``H g`` is differentiable too.
-
-    Example::
-
-        >>> hg, g = hessian_gradient_product(loss, model.head.parameters())
-        >>> penalty = sum((a - b).pow(2).sum() for a, b in zip(hg, hg_other))
-        >>> penalty.backward()
-    """
-    plist = _params(params)
-    loss = _scalar_loss(loss, "loss")
-    g = _loss_grads(loss, plist, "loss")
-    return list(_hgp_from_grads(g, plist, create_graph)), list(g)
-
-
-def _hgp_from_grads(grads: Sequence[Tensor], params: list[Tensor], create_graph: bool) -> tuple[Tensor, ...]:
-    half_sq = 0.5 * sum((g * g).sum() for g in grads)
-    return _grad(half_sq, params, "the gradient norm", create_graph=create_graph, retain_graph=True)
-
-
-def _rademacher(params: list[Tensor], n: int, generator: torch.Generator | None) -> list[Tensor]:
-    """``n`` Rademacher (+-1) probes per parameter, shape ``(n, *p.shape)``, in p's dtype and device."""
-    out = []
-    for p in params:
-        dev = p.device if generator is None else generator.device
-        z = torch.randint(0, 2, (n, *p.shape), generator=generator, device=dev).to(p.dtype).mul_(2).sub_(1)
-        out.append(z.to(p.device, non_blocking=True))
-    return out
-
-
-def _diag_from_probes(grads: Sequence[Tensor], params: list[Tensor], probes: list[Tensor],
-                      create_graph: bool, vectorize: bool) -> list[Tensor]:
-    """``(1/K) sum_k z_k * (H z_k)`` for probes ``z`` of shape ``(K, *p.shape)``."""
-    k = probes[0].shape[0]
-    if vectorize:
-        try:
-            hz = _grad(list(grads), params, "the gradients", grad_outputs=probes,
-                       retain_graph=True, create_graph=create_graph, is_grads_batched=True)
-        except RuntimeError as e:
-            raise RuntimeError(f"batched Hessian-vector products failed ({e}); "
-                               "pass vectorize=False to loop over the probes") from e
-        return [(z * h).mean(0) for z, h in zip(probes, hz)]
-    acc = [torch.zeros_like(p) for p in params]
-    for i in range(k):
-        hz = _grad(list(grads), params, "the gradients", grad_outputs=[z[i] for z in probes],
-                   retain_graph=True, create_graph=create_graph)
-        acc = [a + z[i] * h for a, z, h in zip(acc, probes, hz)]
-    return [a / k for a in acc]
-
-
-@torch.enable_grad()
-def hutchinson_diag(grads: Sequence[Tensor], params: Tensor | Iterable[Tensor], n_samples: int = 100,
-                    generator: torch.Generator | None = None, create_graph: bool = True,
-                    vectorize: bool = True) -> list[Tensor]:
-    """Hutchinson estimate of the Hessian diagonal from gradients that carry a graph.
-
-    Paper slug: ``hessian-alignment``. ``diag(H) ~ (1/K) sum_k z_k * (H z_k)`` with ``K = n_samples``
-    Rademacher probes ``z_k`` (unbiased: ``E[z z^T] = I``) and ``H z = grad <g, z>``. ``grads`` must
-    come from ``torch.autograd.grad(loss, params, create_graph=True)``. ``vectorize=True`` computes
-    all ``K`` products in one batched call (``is_grads_batched``, much faster); ``False`` loops and
-    gives the same numbers for the same ``generator``. Cost: ``K`` Hessian-vector products.
-
-    Example::
-
-        >>> g = torch.autograd.grad(loss, head.parameters(), create_graph=True)
-        >>> d = hutchinson_diag(g, head.parameters(), n_samples=100)   # one tensor per parameter
-        >>> penalty = sum((a - b).pow(2).sum() for a, b in zip(d, d_other))
-    """
-    plist = _params(params)
-    glist = _graph_grads(grads, plist)
-    k = _int("n_samples", n_samples, 1)
-    _check_generator(generator)
-    return _diag_from_probes(glist, plist, _rademacher(plist, k, generator), create_graph, bool(vectorize))
-
-
-def _hessian_from_grads(grads: Sequence[Tensor], params: list[Tensor], create_graph: bool) -> Tensor:
-    """The ``(P, P)`` Hessian from gradients with a graph: P Hessian-vector products in one batched call."""
-    sizes = [p.numel() for p in params]
-    eye = torch.eye(sum(sizes), dtype=params[0].dtype, device=params[0].device)
-    probes = [blk.reshape(-1, *p.shape) for blk, p in zip(eye.split(sizes, dim=1), params)]
-    rows = _grad(list(grads), params, "the gradients", grad_outputs=probes, retain_graph=True,
-                 create_graph=create_graph, is_grads_batched=True)
-    return torch.cat([r.reshape(r.shape[0], -1) for r in rows], dim=1)  # row i = (H e_i)^T
-
-
-def _exact_diag(grads: Sequence[Tensor], params: list[Tensor], create_graph: bool) -> list[Tensor]:
-    """Exact Hessian diagonal (P Hessian-vector products)."""
-    d = torch.diagonal(_hessian_from_grads(grads, params, create_graph))
-    return [x.reshape(p.shape) for x, p in zip(d.split([p.numel() for p in params]), params)]
-
-
-@torch.enable_grad()
-def head_hessian(loss: Tensor, params: Tensor | Iterable[Tensor], create_graph: bool = False) -> Tensor:
-    """The exact Hessian ``(P, P)`` of a loss w.r.t. ``params`` (flattened in order), by P batched HVPs.
-
-    Paper slug: ``hessian-alignment``. Meant for small heads (the paper's theory bounds the transfer
-    measure by ``||H_S - H_T||_2`` of the head Hessians) and for checking the estimators.
-
-    Example::
-
-        >>> hs = head_hessian(loss_src, head.parameters())
-        >>> ht = head_hessian(loss_tgt, head.parameters())
-        >>> gap = torch.linalg.matrix_norm(hs - ht, ord=2)
-    """
-    plist = _params(params)
-    loss = _scalar_loss(loss, "loss")
-    return _hessian_from_grads(_loss_grads(loss, plist, "loss"), plist, create_graph)
 
 
 # ------------------------------------------------------------------------------- the regulariser
@@ -273,17 +75,13 @@ class HessianAlignment:
                  method: str = "hgp", n_samples: int = 100, detach_mean: bool = True,
                  reduction: str = "mean", generator: torch.Generator | None = None,
                  shared_probes: bool = True, vectorize: bool = True, check_finite: bool = True) -> None:
-        self.params = _params(head_params, "head_params")
+        self.params = differentiable_params(head_params, "head_params")
         self.alpha = real_scalar("alpha", alpha, nonneg=True, tensor_ok=False)
         self.beta = real_scalar("beta", beta, nonneg=True, tensor_ok=False)
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        self.method = method
-        self.n_samples = _int("n_samples", n_samples, 1)
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        self.reduction = reduction
-        _check_generator(generator)
+        self.method = choice("method", method, METHODS)
+        self.n_samples = integer("n_samples", n_samples, low=1)
+        self.reduction = choice("reduction", reduction, REDUCTIONS)
+        optional_generator(generator)
         self.generator = generator
         self.detach_mean = bool(detach_mean)
         self.shared_probes = bool(shared_probes)
@@ -302,7 +100,7 @@ class HessianAlignment:
                             f"got {type(domain_losses).__name__}")
         if len(domain_losses) < 2:
             raise ValueError(f"domain_losses needs at least 2 domains, got {len(domain_losses)}")
-        losses = [_scalar_loss(l, f"domain_losses[{i}]") for i, l in enumerate(domain_losses)]
+        losses = [scalar_loss(l, f"domain_losses[{i}]") for i, l in enumerate(domain_losses)]
         if self.check_finite:
             for i, l in enumerate(losses):
                 _check_finite(l, f"domain_losses[{i}]")
@@ -311,24 +109,24 @@ class HessianAlignment:
     def _curvature(self, grads: Sequence[Tensor], create_graph: bool,
                    probes: list[Tensor] | None) -> list[Tensor]:
         if self.method == "hgp":
-            return list(_hgp_from_grads(grads, self.params, create_graph))
+            return list(hgp_from_grads(grads, self.params, create_graph))
         if self.method == "exact_diag":
-            return _exact_diag(grads, self.params, create_graph)
+            return exact_hessian_diag(grads, self.params, create_graph)
         if probes is None:
-            probes = _rademacher(self.params, self.n_samples, self.generator)
-        return _diag_from_probes(grads, self.params, probes, create_graph, self.vectorize)
+            probes = rademacher_probes(self.params, self.n_samples, self.generator)
+        return hutchinson_from_probes(grads, self.params, probes, create_graph, self.vectorize)
 
     @torch.enable_grad()
     def __call__(self, domain_losses: Sequence[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         losses = self._domain_losses(domain_losses)
         need_h = self.alpha > 0
-        grads = [_loss_grads(l, self.params, f"domain_losses[{i}]") for i, l in enumerate(losses)]
+        grads = [loss_grads(l, self.params, f"domain_losses[{i}]") for i, l in enumerate(losses)]
         # the pooled gradient is the mean of the domain gradients (linearity): no extra backward
         g_bar = [torch.stack(gs).mean(0) for gs in zip(*grads)]
         g_bar_ref = [g.detach() for g in g_bar] if self.detach_mean else g_bar
         grad_terms = torch.stack([sum((g - m).pow(2).sum() for g, m in zip(ge, g_bar_ref)) for ge in grads])
         if need_h:
-            shared = (_rademacher(self.params, self.n_samples, self.generator)
+            shared = (rademacher_probes(self.params, self.n_samples, self.generator)
                       if self.method == "hutchinson" and self.shared_probes else None)
             h = [self._curvature(ge, True, shared) for ge in grads]
             if shared is not None or self.method == "exact_diag":
@@ -388,8 +186,8 @@ def penalty_anneal(step: int, anneal_iters: int, weight: float, rescale: bool = 
         >>> w, s = penalty_anneal(step, anneal_iters=190, weight=91257.19)
         >>> loss = s * (risk + w * penalty)
     """
-    step = _int("step", step, 0)
-    anneal_iters = _int("anneal_iters", anneal_iters, 0)
+    step = integer("step", step, low=0)
+    anneal_iters = integer("anneal_iters", anneal_iters, low=0)
     weight = real_scalar("weight", weight, nonneg=True, tensor_ok=False)
     initial = real_scalar("initial", initial, nonneg=True, tensor_ok=False)
     w = initial if step < anneal_iters else weight

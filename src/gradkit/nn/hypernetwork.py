@@ -23,13 +23,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from .._validate import positive_int
+
 __all__ = ["HyperNetwork", "HyperClient"]
-
-
-def _pos_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 class HyperNetwork(nn.Module):
@@ -51,8 +47,8 @@ class HyperNetwork(nn.Module):
         super().__init__()
         if not isinstance(target, nn.Module):
             raise TypeError(f"target must be an nn.Module, got {type(target).__name__}")
-        self.embed_dim = _pos_int("embed_dim", embed_dim)
-        self.hidden = _pos_int("hidden", hidden)
+        self.embed_dim = positive_int("embed_dim", embed_dim)
+        self.hidden = positive_int("hidden", hidden)
         if include is not None and not callable(include):
             raise TypeError(f"include must be a callable name -> bool or None, got {type(include).__name__}")
         named = [(n, p) for n, p in target.named_parameters() if include is None or include(n)]

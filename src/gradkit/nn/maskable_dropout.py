@@ -227,38 +227,5 @@ def activation_shapes(model: nn.Module, input_shape: Sequence[int], *, device=No
         model.train(was_training)
 
 
-class DropoutMLP(nn.Module):
-    """MLP with MaskableDropout after every hidden activation, as in the DIA code (paper slug: dia).
-
-    flatten -> [Linear -> GELU -> MaskableDropout(p)] x len(widths) -> Linear (no biases by default,
-    as the paper's example config). Example:
-    >>> model = DropoutMLP(64, (128, 128), 10, p=0.5)
-    >>> model(torch.rand(2, 1, 8, 8)).shape
-    torch.Size([2, 10])
-    """
-
-    def __init__(self, in_features: int, widths: Sequence[int] = (128, 128), n_classes: int = 10, p: float = 0.5,
-                 bias: bool = False, activation: type[nn.Module] = nn.GELU) -> None:
-        super().__init__()
-        for name, v in (("in_features", in_features), ("n_classes", n_classes)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        widths = tuple(widths)
-        if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
-            raise ValueError(f"widths must be a non-empty sequence of positive ints, got {widths!r}")
-        p = _check_p(p)
-        layers: list[nn.Module] = [nn.Flatten()]
-        d = in_features
-        for w in widths:
-            layers += [nn.Linear(d, w, bias=bias), activation(), MaskableDropout(p)]
-            d = w
-        layers.append(nn.Linear(d, n_classes, bias=bias))
-        self.net = nn.Sequential(*layers)
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
 __all__ = ["MaskableDropout", "MODES", "maskable_dropouts", "convert_dropout", "dropout_masks", "dropout_mode",
-           "activation_shapes", "DropoutMLP"]
+           "activation_shapes"]

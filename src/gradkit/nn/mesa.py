@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..functional.compressed import (ActQuantizer, _check_bits, _check_groups, q_gelu, q_layer_norm, q_linear,
-                                     q_matmul, q_softmax)
+from .._validate import integer, is_int, positive_int
+from ..functional.compressed import ActQuantizer, q_gelu, q_layer_norm, q_linear, q_matmul, q_softmax
 
 POLICY_KEYS = ("linear", "gelu", "softmax", "matmul", "layernorm")
 
@@ -48,7 +48,7 @@ class MesaLinear(nn.Linear, MesaModule):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, bits: int = 8, groups: int = 1,
                  ema_decay: float = 0.9, stochastic: bool = True, enabled: bool = True, device=None,
                  dtype=None) -> None:
-        _check_groups(groups)
+        positive_int("groups", groups)
         _divides(groups, in_features, "in_features")
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.quantizer = ActQuantizer(bits, groups, -1, ema_decay, stochastic)
@@ -99,9 +99,7 @@ class MesaSoftmax(MesaModule):
     def __init__(self, dim: int = -1, *, bits: int = 8, groups: int = 1, group_dim: int = 1,
                  ema_decay: float = 0.9, stochastic: bool = True, enabled: bool = True) -> None:
         super().__init__()
-        if isinstance(dim, bool) or not isinstance(dim, int):
-            raise ValueError(f"dim must be an int, got {dim!r}")
-        self.dim = dim
+        self.dim = integer("dim", dim)
         self.quantizer = ActQuantizer(bits, groups, group_dim, ema_decay, stochastic)
         self.enabled = enabled
 
@@ -149,7 +147,7 @@ class MesaLayerNorm(nn.LayerNorm, MesaModule):
                  bits: int = 8, groups: int = 1, ema_decay: float = 0.9, stochastic: bool = True,
                  enabled: bool = True, device=None, dtype=None) -> None:
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device=device, dtype=dtype)
-        _check_groups(groups)
+        positive_int("groups", groups)
         _divides(groups, self.normalized_shape[-1], "normalized_shape[-1]")
         self.quantizer = ActQuantizer(bits, groups, -1, ema_decay, stochastic)
         self.enabled = enabled
@@ -176,11 +174,10 @@ class MesaAttention(MesaModule):
     def __init__(self, dim: int, heads: int, *, groups: int | None = None, bits: int = 8, ema_decay: float = 0.9,
                  stochastic: bool = True, enabled: bool = True, qkv_bias: bool = True) -> None:
         super().__init__()
-        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
-            raise ValueError(f"heads must be a positive int, got {heads!r}")
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1 or dim % heads:
+        heads = positive_int("heads", heads)
+        if not is_int(dim, low=1) or dim % heads:
             raise ValueError(f"dim must be a positive int divisible by heads={heads}, got {dim!r}")
-        groups = heads if groups is None else _check_groups(groups)
+        groups = heads if groups is None else positive_int("groups", groups)
         _divides(groups, heads, "heads")
         kw = dict(bits=bits, groups=groups, ema_decay=ema_decay, stochastic=stochastic, enabled=enabled)
         self.heads, self.scale = heads, (dim // heads) ** -0.5
@@ -218,8 +215,7 @@ class MesaViT(nn.Module):
         super().__init__()
         for name, v in (("image_size", image_size), ("patch", patch), ("in_chans", in_chans),
                         ("num_classes", num_classes), ("dim", dim), ("depth", depth), ("mlp_ratio", mlp_ratio)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            positive_int(name, v)
         if image_size % patch:
             raise ValueError(f"patch={patch} must divide image_size={image_size}")
         groups = heads if groups is None else groups
@@ -295,8 +291,8 @@ def mesa_convert(model: nn.Module, groups: int = 1, *, bits: int = 8, ema_decay:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    _check_groups(groups)
-    _check_bits(bits)
+    positive_int("groups", groups)
+    integer("bits", bits, low=1, high=16)
     pol = {k: True for k in POLICY_KEYS}
     if policy is not None:
         unknown = set(policy) - set(POLICY_KEYS)

@@ -19,20 +19,22 @@ backward), :func:`shapley_outputs` (the ``2^M - 1`` padded passes and the attrib
 :func:`modality_scores`, :class:`AGMController` (the coefficients and running means),
 :func:`modulated_fusion` (forward ``f(all)``, backward ``k_m * grad`` into each ``phi_m``), and
 :class:`AGM`, a wrapper that applies all of it to any ``M``-input fusion model. The toy fusion
-MLPs of the claim (:class:`FusionMLP`) are here too.
+MLPs of the claim (:class:`FusionMLP`) are here too. The autograd Functions (:class:`GradScale`,
+:class:`ModulatedFusion`) and their function forms live in :mod:`gradkit.functional.scale` and are
+re-exported here.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .._validate import real_scalar
+from .._validate import boolean, integer, is_int, nonneg_int, positive_int, real_scalar, tensor
 from ..functional.reversal import check_lambda
+from ..functional.scale import GradScale, ModulatedFusion, grad_scale, modulated_fusion
 
 __all__ = ["GradScale", "grad_scale", "GradientScale", "shapley_outputs", "subset_outputs",
            "shapley_weights", "modality_scores", "AGMController", "ModulatedFusion", "modulated_fusion",
@@ -42,61 +44,7 @@ MAX_MODALITIES = 8  # 2^8 - 1 = 255 forward passes per step: beyond that the att
 MIN_PROB = 1e-8     # the official code clamps p_y at 1e-8 inside the log
 
 
-# ------------------------------------------------------------------------------------ grad_scale
-class GradScale(torch.autograd.Function):
-    """Autograd Function: identity forward (a view), ``k * grad`` backward (paper slug: ``agm``).
-
-    ``GradScale.apply(x, k)``; no gradient for ``k``. Prefer :func:`grad_scale` (validates).
-    """
-
-    @staticmethod
-    def forward(x: Tensor, k: float | Tensor) -> Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        _, k = inputs
-        ctx.k = k.detach().clone() if isinstance(k, Tensor) else k
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:
-        if grad is None or not ctx.needs_input_grad[0]:
-            return None, None
-        k = ctx.k
-        if isinstance(k, Tensor):
-            k = k.to(device=grad.device, dtype=grad.dtype)
-        elif k == 1.0:
-            return grad, None  # exactly the joint-training gradient
-        return grad * k, None
-
-
-def _check_tensor(name: str, x: Any) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    return x
-
-
-def grad_scale(x: Tensor, k: float | Tensor = 1.0) -> Tensor:
-    """Identity in the forward pass; multiplies the gradient by ``k`` in the backward pass.
-
-    Paper: ``agm`` (shared by any method that reweights a branch's gradient). ``y = x``,
-    ``dL/dx = k * dL/dy``. ``k``: finite float or 0-dim tensor (value at call time; no gradient
-    w.r.t. it). ``k = 1`` returns the incoming gradient unchanged (bit-for-bit); ``k = -1`` is a
-    gradient reversal.
-
-    Example::
-
-        >>> x = torch.ones(3, requires_grad=True)
-        >>> grad_scale(x, 2.5).sum().backward()
-        >>> x.grad
-        tensor([2.5000, 2.5000, 2.5000])
-    """
-    _check_tensor("x", x)
-    if not (x.is_floating_point() or x.is_complex()):
-        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-    return GradScale.apply(x, check_lambda(k, name="k"))
-
-
+# ------------------------------------------------------------------------------ module form
 class GradientScale(nn.Module):
     """Module form of :func:`grad_scale` (paper slug: ``agm``): ``y = x``, ``dL/dx = k dL/dy``.
 
@@ -131,12 +79,7 @@ class GradientScale(nn.Module):
 
 # ------------------------------------------------------------------------------ Shapley outputs
 def _check_num_modalities(m: Any, low: int = 1) -> int:
-    if isinstance(m, bool) or not isinstance(m, numbers.Integral):
-        raise TypeError(f"num_modalities must be an int, got {type(m).__name__} {m!r}")
-    m = int(m)
-    if not low <= m <= MAX_MODALITIES:
-        raise ValueError(f"num_modalities must be in [{low}, {MAX_MODALITIES}], got {m}")
-    return m
+    return integer("num_modalities", m, low=low, high=MAX_MODALITIES)
 
 
 def shapley_weights(num_modalities: int) -> Tensor:
@@ -188,7 +131,7 @@ def _check_inputs(inputs: Any, num_modalities: int | None = None) -> list[Tensor
         raise ValueError(f"at most {MAX_MODALITIES} modalities are supported (2^M - 1 forward passes), "
                          f"got {len(inputs)}")
     for i, x in enumerate(inputs):
-        _check_tensor(f"inputs[{i}]", x)
+        tensor(f"inputs[{i}]", x)
         if x.dim() == 0:
             raise ValueError(f"inputs[{i}] must have a batch dimension, got a 0-dim tensor")
     n = inputs[0].shape[0]
@@ -268,8 +211,8 @@ def subset_outputs(model: Callable[..., Tensor], inputs: Sequence[Tensor], *,
     pad = _zeros if pad is None else pad
     if not callable(pad):
         raise TypeError(f"pad must be a callable x -> tensor like x, or None, got {type(pad).__name__}")
-    if not isinstance(eval_padded, bool) or not isinstance(batch_padded, bool):
-        raise TypeError(f"eval_padded and batch_padded must be bools, got {eval_padded!r}, {batch_padded!r}")
+    boolean("eval_padded", eval_padded)
+    boolean("batch_padded", batch_padded)
     m_ = len(xs)
     n = xs[0].shape[0]
     full_mask = 2**m_ - 1
@@ -320,7 +263,7 @@ def shapley_outputs(model: Callable[..., Tensor], inputs: Sequence[Tensor], *,
 
 # ------------------------------------------------------------------------------------- scores
 def _check_target(target: Any, n: int) -> Tensor:
-    _check_tensor("target", target)
+    tensor("target", target)
     if n < 1:
         raise ValueError("the batch is empty: need at least one sample to score")
     if target.dim() != 1 or target.shape[0] != n:
@@ -364,11 +307,11 @@ def modality_scores(phis: Sequence[Tensor], target: Tensor, min_prob: float = MI
     mp = real_scalar("min_prob", min_prob)
     if not 0 < mp < 1:
         raise ValueError(f"min_prob must be in (0, 1), got {min_prob!r}")
-    ref = _check_tensor("phis[0]", phis[0])
+    ref = tensor("phis[0]", phis[0])
     if ref.dim() != 2 or ref.shape[1] < 1:
         raise ValueError(f"phis must be (N, C) logits, got shape {tuple(ref.shape)}")
     for i, p in enumerate(phis):
-        _check_tensor(f"phis[{i}]", p)
+        tensor(f"phis[{i}]", p)
         if p.shape != ref.shape:
             raise ValueError(f"phis[{i}] has shape {tuple(p.shape)}, expected {tuple(ref.shape)} like phis[0]")
     y = _check_target(target, ref.shape[0])
@@ -494,68 +437,13 @@ class AGMController:
             raise ValueError(f"state is for {state.get('num_modalities')} modalities, this controller has "
                              f"{self.num_modalities}")
         means = [real_scalar("running_means", v) for v in state["running_means"]]
-        steps = state["steps"]
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+        steps = nonneg_int("steps", state["steps"])
         self.alpha, self.clamp = state["alpha"], state["clamp"]
         self.running_means, self.steps = means, steps
 
     def __repr__(self) -> str:
         return (f"AGMController(num_modalities={self.num_modalities}, alpha={self._alpha:g}, "
                 f"clamp={self._clamp}, steps={self.steps})")
-
-
-# ------------------------------------------------------------------------------ fused output
-class ModulatedFusion(torch.autograd.Function):
-    """Forward: the full-input output ``f(all)``; backward: ``k_m * grad`` into each ``phi_m``.
-
-    Paper slug: ``agm``. ``ModulatedFusion.apply(full, ks, *phis)`` with ``ks`` a tuple of floats.
-    Numerically the same as ``sum_m grad_scale(phi_m, k_m)`` (``sum_m phi_m = f(all)``) but the
-    forward value is ``f(all)`` exactly, so with every ``k_m = 1`` training is bit-identical to
-    plain joint training. No gradient reaches ``full`` directly (it reaches it through the phis).
-    """
-
-    @staticmethod
-    def forward(full: Tensor, ks: tuple[float, ...], *phis: Tensor) -> Tensor:
-        return full.view_as(full)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        ctx.ks = inputs[1]
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        outs: list[Tensor | None] = [None, None]
-        for i, k in enumerate(ctx.ks):
-            if not ctx.needs_input_grad[2 + i]:
-                outs.append(None)
-            else:
-                outs.append(grad if k == 1.0 else grad * k)
-        return tuple(outs)
-
-
-def modulated_fusion(full: Tensor, phis: Sequence[Tensor], coefficients: Sequence[float]) -> Tensor:
-    """Fused output for the loss: value ``full`` (= ``sum_m phi_m``), gradient ``k_m * g`` into ``phi_m``.
-
-    Paper slug: ``agm``: ``L(sum_m phi_m)`` with the gradient reaching ``phi_m`` scaled by ``k_m``.
-    ``full`` must be ``f(all)`` (``sum(phis)`` up to rounding; not re-checked).
-
-    Example::
-
-        >>> outs = subset_outputs(model, [a, v]); phis = shapley_outputs(...)
-        >>> loss = F.cross_entropy(modulated_fusion(outs[-1], phis, [k_a, k_v]), y)
-    """
-    _check_tensor("full", full)
-    if isinstance(phis, Tensor) or not isinstance(phis, (list, tuple)) or len(phis) == 0:
-        raise ValueError("phis must be a non-empty list of tensors, one per modality")
-    if isinstance(coefficients, Tensor) or not isinstance(coefficients, Sequence) or len(coefficients) != len(phis):
-        raise ValueError(f"coefficients must be a list of {len(phis)} floats (one per phi), got {coefficients!r}")
-    for i, p in enumerate(phis):
-        _check_tensor(f"phis[{i}]", p)
-        if p.shape != full.shape:
-            raise ValueError(f"phis[{i}] has shape {tuple(p.shape)}, expected {tuple(full.shape)} like full")
-    ks = tuple(real_scalar(f"coefficients[{i}]", k, tensor_ok=False) for i, k in enumerate(coefficients))
-    return ModulatedFusion.apply(full, ks, *phis)
 
 
 # ------------------------------------------------------------------------------------ wrapper
@@ -590,8 +478,7 @@ class AGM(nn.Module):
         if pad is not None and not callable(pad):
             raise TypeError(f"pad must be a callable x -> tensor like x, or None, got {type(pad).__name__}")
         for name, v in (("eval_padded", eval_padded), ("batch_padded", batch_padded), ("enabled", enabled)):
-            if not isinstance(v, bool):
-                raise TypeError(f"{name} must be a bool, got {v!r}")
+            boolean(name, v)
         mp = real_scalar("min_prob", min_prob, tensor_ok=False)
         if not 0 < mp < 1:
             raise ValueError(f"min_prob must be in (0, 1), got {min_prob!r}")
@@ -659,14 +546,13 @@ class FusionMLP(nn.Module):
         super().__init__()
         for name, dims in (("in_dims", in_dims), ("enc_dims", enc_dims)):
             if not isinstance(dims, (list, tuple)) or not dims or any(
-                    isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
+                    not is_int(d, low=1) for d in dims):
                 raise ValueError(f"{name} must be a non-empty list of positive ints, got {dims!r}")
         if len(in_dims) != len(enc_dims):
             raise ValueError(f"in_dims and enc_dims must have one entry per modality, got {len(in_dims)} "
                              f"and {len(enc_dims)}")
         for name, v in (("num_classes", num_classes), ("head_hidden", head_hidden)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            positive_int(name, v)
         if fusion not in ("concat", "sum"):
             raise ValueError(f"fusion must be 'concat' or 'sum', got {fusion!r}")
         self.in_dims, self.fusion = tuple(in_dims), fusion

@@ -143,65 +143,6 @@ class TransformerBlock(nn.Module):
         return self.mlp(self.attn(h))
 
 
-class TinyTransformerLM(nn.Module):
-    """A small decoder-only LM whose blocks use one LN placement (peri-ln); for experiments.
-
-    logits = head(Norm_final(block_L(... block_1(E_tok[x] + E_pos[t] [then Norm_embed if embed_norm])))).
-    Linear weights ~ N(0, init_std^2) (GPT-2 style), embeddings ~ N(0, embed_std^2) (PyTorch's
-    default 1, so the residual stream starts at unit scale in every placement), biases 0, norm
-    scales 1; norms draw no random numbers, so models built after the same ``torch.manual_seed``
-    share every weight across placements.
-    ``blocks[l]``'s output is the residual stream h_{l+1} (what :class:`ResidualStreamProbe` reads).
-
-    >>> lm = TinyTransformerLM(vocab=16, dim=32, depth=2, heads=4, placement="peri")
-    >>> lm(torch.randint(0, 16, (2, 10))).shape
-    torch.Size([2, 10, 16])
-    """
-
-    def __init__(self, vocab: int, dim: int, depth: int, heads: int, placement: str = "peri",
-                 norm: str = "rmsnorm", embed_norm: bool = False, max_len: int = 256, mlp_ratio: int = 4,
-                 eps: float = 1e-5, init_std: float = 0.02, embed_std: float = 1.0) -> None:
-        super().__init__()
-        vocab, dim = _positive_int("vocab", vocab), _positive_int("dim", dim)
-        depth, heads = _positive_int("depth", depth), _positive_int("heads", heads)
-        self.max_len = _positive_int("max_len", max_len)
-        _check_placement(placement)
-        if dim % heads:
-            raise ValueError(f"dim must be divisible by heads, got dim={dim}, heads={heads}")
-        init_std = real_scalar("init_std", init_std, nonneg=True, tensor_ok=False)
-        embed_std = real_scalar("embed_std", embed_std, nonneg=True, tensor_ok=False)
-        self.placement, self.embed_norm = placement, bool(embed_norm)
-        self.tok = nn.Embedding(vocab, dim)
-        self.pos = nn.Embedding(max_len, dim)
-        self.norm_embed = make_norm(norm, dim, eps) if embed_norm else nn.Identity()
-        self.blocks = nn.ModuleList(TransformerBlock(dim, heads, placement, norm, eps, mlp_ratio)
-                                    for _ in range(depth))
-        self.norm_final = make_norm(norm, dim, eps)
-        self.head = nn.Linear(dim, vocab, bias=False)
-        self._init(init_std, embed_std)
-
-    @torch.no_grad()
-    def _init(self, std: float, embed_std: float) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, std)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, 0.0, embed_std)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        if idx.dim() != 2:
-            raise ValueError(f"idx must be (batch, time) token ids, got shape {tuple(idx.shape)}")
-        t = idx.shape[1]
-        if t > self.max_len:
-            raise ValueError(f"sequence length {t} exceeds max_len={self.max_len}")
-        h = self.norm_embed(self.tok(idx) + self.pos(torch.arange(t, device=idx.device)))
-        for blk in self.blocks:
-            h = blk(h)
-        return self.head(self.norm_final(h))
-
-
 def is_norm_param(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.RMSNorm))
 
@@ -225,4 +166,4 @@ def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 __all__ = ["PLACEMENTS", "NORMS", "make_norm", "ResidualNormBlock", "CausalSelfAttention", "MLP",
-           "TransformerBlock", "TinyTransformerLM", "weight_decay_groups"]
+           "TransformerBlock", "weight_decay_groups"]

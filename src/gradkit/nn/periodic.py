@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .._validate import real_scalar
+from .._validate import boolean, is_int, positive_int, real_scalar
 from ..functional.periodic import ACT_NORM_EPS, ApproxSign, BiPerSign, NormApproxSign, check_freq
 from ..functional.straight_through import Estimator
 from .binary import BinaryConv2d, BinaryLinear, BinaryModule, binary_modules
@@ -40,8 +40,7 @@ class BiPerModule(BinaryModule):
                     factory: dict) -> None:
         self.freq = freq
         self.hard = hard
-        if not isinstance(act_norm, bool):
-            raise TypeError(f"act_norm must be a bool, got {type(act_norm).__name__} {act_norm!r}")
+        boolean("act_norm", act_norm)
         self.act_norm = act_norm
         self.periodic = self.estimator == "biper"
         # official init: alpha ~ U(0, 1) per output channel
@@ -63,9 +62,7 @@ class BiPerModule(BinaryModule):
 
     @hard.setter
     def hard(self, value: Any) -> None:
-        if not isinstance(value, bool):
-            raise TypeError(f"hard must be a bool, got {type(value).__name__} {value!r}")
-        self._hard = value
+        self._hard = boolean("hard", value)
 
     def binary_weight(self) -> Tensor:
         """The forward weights without alpha: ``sign(sin(freq W))`` (or ``sin(freq W)`` in stage 1)."""
@@ -103,8 +100,7 @@ class BiPerModule(BinaryModule):
 
 
 def _check_features(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    positive_int(name, value)
 
 
 class BiPerLinear(BinaryLinear, BiPerModule):
@@ -193,7 +189,7 @@ def set_stage(model: nn.Module, stage: Any) -> int:
     >>> set_stage(model, 2)
     2
     """
-    if stage not in (1, 2) or isinstance(stage, bool):
+    if not is_int(stage, low=1, high=2):
         raise ValueError(f"stage must be 1 (sine weights) or 2 (square-wave weights), got {stage!r}")
     mods = [m for _, m in binary_modules(model) if isinstance(m, BiPerModule)]
     for m in mods:

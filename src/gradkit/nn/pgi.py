@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._validate import real_scalar
+from .._validate import integer, is_int, real_scalar
 
 __all__ = ["CBLinear", "CBFuse", "PGIWrapper", "DeepSupervision", "make_aux_copy", "conv_stages", "pool_head"]
 
@@ -35,14 +35,8 @@ _POOL = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool
 
 
 # ------------------------------------------------------------------------------------ argument checks
-def _pos_int(name: str, value, *, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
 def _dims(name: str, value) -> int:
-    if isinstance(value, bool) or value not in (0, 1, 2, 3):
+    if not is_int(value, low=0, high=3):
         raise ValueError(f"{name} must be 0 (vectors, nn.Linear), 1, 2 or 3 (spatial dims of a 1x1 conv), "
                          f"got {value!r}")
     return int(value)
@@ -88,10 +82,10 @@ class CBLinear(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: Sequence[int], dims: int = 2) -> None:
         super().__init__()
-        self.in_channels = _pos_int("in_channels", in_channels)
+        self.in_channels = integer("in_channels", in_channels, low=1)
         if isinstance(out_channels, (str, bytes)) or not isinstance(out_channels, Sequence) or not out_channels:
             raise ValueError(f"out_channels must be a non-empty list of ints >= 1, got {out_channels!r}")
-        self.out_channels = tuple(_pos_int(f"out_channels[{i}]", c) for i, c in enumerate(out_channels))
+        self.out_channels = tuple(integer(f"out_channels[{i}]", c, low=1) for i, c in enumerate(out_channels))
         self.dims = _dims("dims", dims)
         total = sum(self.out_channels)
         self.conv = (nn.Linear(in_channels, total) if self.dims == 0
@@ -126,7 +120,7 @@ class CBFuse(nn.Module):
         super().__init__()
         if isinstance(indices, (str, bytes)) or not isinstance(indices, Sequence) or not indices:
             raise ValueError(f"indices must be a non-empty list of ints >= 0, got {indices!r}")
-        self.indices = tuple(_pos_int(f"indices[{n}]", i, minimum=0) for n, i in enumerate(indices))
+        self.indices = tuple(integer(f"indices[{n}]", i, low=0) for n, i in enumerate(indices))
 
     def forward(self, xs: Sequence) -> Tensor:
         if not isinstance(xs, (list, tuple)) or len(xs) != len(self.indices) + 1:
@@ -160,13 +154,13 @@ def _find_channels(module: nn.Module, which: str) -> int | None:
         for m in reversed(mods):
             for attr in ("out_channels", "out_features", "num_features", "num_channels"):
                 v = getattr(m, attr, None)
-                if isinstance(v, int) and not isinstance(v, bool):
+                if is_int(v):
                     return v
     else:
         for m in mods:
             for attr in ("in_channels", "in_features", "num_features", "num_channels"):
                 v = getattr(m, attr, None)
-                if isinstance(v, int) and not isinstance(v, bool):
+                if is_int(v):
                     return v
     return None
 
@@ -189,7 +183,7 @@ def _channel_list(name: str, given, n: int, what: str) -> list[int | None]:
         return [None] * n  # filled lazily per routed stage
     if isinstance(given, (str, bytes)) or not isinstance(given, Sequence) or len(given) != n:
         raise ValueError(f"{name} must be a list of {n} ints ({what}), got {given!r}")
-    return [_pos_int(f"{name}[{i}]", c) for i, c in enumerate(given)]
+    return [integer(f"{name}[{i}]", c, low=1) for i, c in enumerate(given)]
 
 
 # ------------------------------------------------------------------------------------ main path / deploy
@@ -279,12 +273,12 @@ class PGIWrapper(nn.Module):
             raise ValueError(f"routes must be a non-empty dict {{main stage j: [aux stages k <= j]}}, got {routes!r}")
         out: dict[int, tuple[int, ...]] = {}
         for j, ks in routes.items():
-            if isinstance(j, bool) or not isinstance(j, int) or not 0 <= j < n_main:
+            if not is_int(j, low=0, high=n_main - 1):
                 raise ValueError(f"routes key {j!r} must be a main stage index in [0, {n_main})")
             if isinstance(ks, (str, bytes)) or not isinstance(ks, Sequence) or not ks:
                 raise ValueError(f"routes[{j}] must be a non-empty list of aux stage indices, got {ks!r}")
             for k in ks:
-                if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < n_aux:
+                if not is_int(k, low=0, high=n_aux - 1):
                     raise ValueError(f"routes[{j}] holds {k!r}; aux stage indices must be in [0, {n_aux})")
                 if k > j:
                     raise ValueError(f"routes[{j}] holds aux stage {k}: PGI routes a main stage to aux stages at the "
@@ -385,7 +379,7 @@ class DeepSupervision(nn.Module):
         if not isinstance(aux_heads, Mapping) or not aux_heads:
             raise ValueError(f"aux_heads must be a non-empty dict {{stage index: head module}}, got {aux_heads!r}")
         for i, h in aux_heads.items():
-            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(self.stages):
+            if not is_int(i, low=0, high=len(self.stages) - 1):
                 raise ValueError(f"aux_heads key {i!r} must be a stage index in [0, {len(self.stages)})")
             _module(f"aux_heads[{i}]", h)
         self.heads_at = tuple(sorted(aux_heads))
@@ -473,15 +467,15 @@ def conv_stages(in_channels: int, width: int, depth: int, *, downsample_at: Sequ
 
         >>> stages = conv_stages(1, 16, 8, downsample_at=(2, 4, 6))   # 1-D, lengths 40 -> 5
     """
-    _pos_int("in_channels", in_channels)
-    _pos_int("width", width)
-    _pos_int("depth", depth)
-    _pos_int("kernel_size", kernel_size)
+    integer("in_channels", in_channels, low=1)
+    integer("width", width, low=1)
+    integer("depth", depth, low=1)
+    integer("kernel_size", kernel_size, low=1)
     if _dims("dims", dims) == 0:
         raise ValueError("dims must be 1, 2 or 3 for conv stages, got 0")
     down = set()
     for i in downsample_at:
-        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < depth:
+        if not is_int(i, low=0, high=depth - 1):
             raise ValueError(f"downsample_at must hold stage indices in [0, {depth}), got {list(downsample_at)!r}")
         down.add(i)
     conv, bn = _CONV[dims], {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims]
@@ -502,8 +496,8 @@ def pool_head(in_channels: int, num_classes: int, dims: int = 1) -> nn.Sequentia
         >>> head = pool_head(16, 10, dims=1)
         >>> head(torch.randn(4, 16, 5)).shape     # torch.Size([4, 10])
     """
-    _pos_int("in_channels", in_channels)
-    _pos_int("num_classes", num_classes)
+    integer("in_channels", in_channels, low=1)
+    integer("num_classes", num_classes, low=1)
     if _dims("dims", dims) == 0:
         return nn.Sequential(nn.Linear(in_channels, num_classes))
     return nn.Sequential(_POOL[dims](1), nn.Flatten(), nn.Linear(in_channels, num_classes))

@@ -20,24 +20,13 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .._validate import choice, integer
 from .reversible import ReversibleBlock, ReversibleSequential
 
 __all__ = ["MBConv3d", "MBConv2d", "RevMBConv3d", "RevMBConv2d", "rev_mbconv_stage", "RevMBConvUNet3d"]
 
 _NORMS = ("group", "instance", "batch", "none")
 _ACTS = ("silu", "relu6", "relu")
-
-
-def _pos_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
-def _choice(name: str, value, options) -> str:
-    if value not in options:
-        raise ValueError(f"{name} must be one of {options}, got {value!r}")
-    return value
 
 
 def _norm(kind: str, c: int, dims: int) -> nn.Module:
@@ -83,13 +72,13 @@ class MBConv3d(nn.Module):
     def __init__(self, channels: int, expansion: int = 4, kernel: int = 3, norm: str = "group",
                  act: str = "silu", se: bool = False) -> None:
         super().__init__()
-        channels = _pos_int("channels", channels)
-        expansion = _pos_int("expansion", expansion)
-        kernel = _pos_int("kernel", kernel)
+        channels = integer("channels", channels, low=1)
+        expansion = integer("expansion", expansion, low=1)
+        kernel = integer("kernel", kernel, low=1)
         if kernel % 2 == 0:
             raise ValueError(f"kernel must be odd (same-size depthwise conv), got {kernel}")
-        _choice("norm", norm, _NORMS)
-        _choice("act", act, _ACTS)
+        choice("norm", norm, _NORMS)
+        choice("act", act, _ACTS)
         conv = nn.Conv3d if self.dims == 3 else nn.Conv2d
         hid = channels * expansion
         layers: list[nn.Module] = [
@@ -135,7 +124,7 @@ class RevMBConv3d(ReversibleBlock):
 
     def __init__(self, channels: int, expansion: int = 4, kernel: int = 3, norm: str = "group",
                  act: str = "silu", se: bool = False, *, reversible: bool = True) -> None:
-        channels = _pos_int("channels", channels, 2)
+        channels = integer("channels", channels, low=2)
         if channels % 2:
             raise ValueError(f"channels must be even (the coupling splits them in two halves), got {channels}")
         h = channels // 2
@@ -162,7 +151,7 @@ def rev_mbconv_stage(channels: int, blocks: int, *, reversible: bool = True, dim
     >>> st(torch.randn(1, 8, 4, 4, 4)).shape
     torch.Size([1, 8, 4, 4, 4])
     """
-    blocks = _pos_int("blocks", blocks)
+    blocks = integer("blocks", blocks, low=1)
     if dims not in (2, 3):
         raise ValueError(f"dims must be 2 or 3, got {dims!r}")
     cls = RevMBConv3d if dims == 3 else RevMBConv2d
@@ -187,13 +176,13 @@ class RevMBConvUNet3d(nn.Module):
                  *, reversible: bool = True, expansion: int = 4, kernel: int = 3, norm: str = "group",
                  act: str = "silu", se: bool = False) -> None:
         super().__init__()
-        in_channels = _pos_int("in_channels", in_channels)
-        num_classes = _pos_int("num_classes", num_classes)
-        width = _pos_int("width", width, 2)
+        in_channels = integer("in_channels", in_channels, low=1)
+        num_classes = integer("num_classes", num_classes, low=1)
+        width = integer("width", width, low=2)
         if width % 2:
             raise ValueError(f"width must be even (reversible blocks split channels in halves), got {width}")
-        levels = _pos_int("levels", levels)
-        blocks = _pos_int("blocks", blocks)
+        levels = integer("levels", levels, low=1)
+        blocks = integer("blocks", blocks, low=1)
         kw = dict(expansion=expansion, kernel=kernel, norm=norm, act=act, se=se)
         ch = [width * 2 ** lvl for lvl in range(levels)]
         self.levels, self.blocks, self.channels = levels, blocks, ch

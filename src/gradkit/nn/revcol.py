@@ -17,16 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._validate import real_scalar
-from .reversible import MultiLevelReversibleFunction, ReversibleStep, collect_params, invert_steps, run_steps
+from .._validate import positive_int, real_scalar
+from ..functional.reversible import (MultiLevelReversibleFunction, ReversibleStep, collect_params, invert_steps,
+                                     run_steps)
 
 __all__ = ["LayerNorm2d", "DropPath", "ConvNeXtBlock", "RevColLevel", "ReversibleColumnStack", "RevColNet"]
-
-
-def _pos_int(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name} must be a positive int, got {v!r}")
-    return v
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -62,12 +57,12 @@ class ConvNeXtBlock(nn.Module):
     def __init__(self, channels: int, kernel: int = 3, layer_scale: float = 1e-6, drop_path: float = 0.0,
                  expansion: int = 4) -> None:
         super().__init__()
-        channels, kernel = _pos_int("channels", channels), _pos_int("kernel", kernel)
+        channels, kernel = positive_int("channels", channels), positive_int("kernel", kernel)
         if kernel % 2 == 0:
             raise ValueError(f"kernel must be odd, got {kernel}")
         self.dwconv = nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels)
         self.norm = nn.LayerNorm(channels)
-        self.pw1 = nn.Linear(channels, _pos_int("expansion", expansion) * channels)
+        self.pw1 = nn.Linear(channels, positive_int("expansion", expansion) * channels)
         self.pw2 = nn.Linear(expansion * channels, channels)
         self.gamma = nn.Parameter(torch.full((channels,), real_scalar("layer_scale", layer_scale)))
         self.drop_path = DropPath(drop_path)
@@ -98,7 +93,7 @@ class RevColLevel(nn.Module):
         if not first_column and level < len(channels) - 1:
             self.up = nn.Sequential(nn.Conv2d(channels[level + 1], c, 1), LayerNorm2d(c))
         self.blocks = nn.Sequential(*[ConvNeXtBlock(c, kernel, layer_scale, drop_path)
-                                      for _ in range(_pos_int("blocks", blocks))])
+                                      for _ in range(positive_int("blocks", blocks))])
 
     def forward(self, lower: Tensor, upper: Tensor | None) -> Tensor:
         h = self.down(lower)
@@ -142,10 +137,10 @@ class ReversibleColumnStack(nn.Module):
         super().__init__()
         if not callable(make_level_fns):
             raise TypeError(f"make_level_fns must be callable, got {type(make_level_fns).__name__}")
-        channels = [_pos_int(f"channels[{i}]", c) for i, c in enumerate(channels)]
+        channels = [positive_int(f"channels[{i}]", c) for i, c in enumerate(channels)]
         if not channels:
             raise ValueError("channels must name at least one level")
-        num_columns = _pos_int("num_columns", num_columns)
+        num_columns = positive_int("num_columns", num_columns)
         alpha_init = real_scalar("alpha_init", alpha_init)
         self.alpha_min = real_scalar("alpha_min", alpha_min, nonneg=True)
         if self.alpha_min <= 0:
@@ -236,8 +231,8 @@ class RevColNet(nn.Module):
         if len(channels) != len(blocks):
             raise ValueError(f"channels and blocks must have one entry per level, got {len(channels)} and "
                              f"{len(blocks)}")
-        self.stem = nn.Sequential(nn.Conv2d(_pos_int("in_channels", in_channels), channels[0],
-                                            _pos_int("stem", stem), stride=stem), LayerNorm2d(channels[0]))
+        self.stem = nn.Sequential(nn.Conv2d(positive_int("in_channels", in_channels), channels[0],
+                                            positive_int("stem", stem), stride=stem), LayerNorm2d(channels[0]))
 
         def make(i: int, first: bool) -> list[nn.Module]:
             return [RevColLevel(k, channels, blocks[k], first_column=first, kernel=kernel,
@@ -246,7 +241,7 @@ class RevColNet(nn.Module):
         self.columns = ReversibleColumnStack(make, channels, num_columns, alpha_init=alpha_init,
                                              reversible=reversible, strict=strict, preserve_rng=preserve_rng)
         self.head_norm = nn.LayerNorm(channels[-1])
-        self.head = nn.Linear(channels[-1], _pos_int("num_classes", num_classes))
+        self.head = nn.Linear(channels[-1], positive_int("num_classes", num_classes))
 
     @property
     def reversible(self) -> bool:

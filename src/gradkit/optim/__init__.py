@@ -1,6 +1,13 @@
-"""Optimizers and gradient transforms that edit parameter gradients before the update."""
+"""Optimizers and gradient transforms that edit parameter gradients before the update.
+
+Gradient transforms follow one protocol (:mod:`gradkit.optim.transform`): ``t(params)`` edits
+``.grad`` in place, ``t.state_dict()`` / ``t.load_state_dict()``; run them by hand, with
+``wrap(optimizer, *transforms)``, or as hooks with ``t.attach(params)``.
+"""
 from .gradient_noise import GradientNoise
 from .mfac import MFAC
 from .orthogonal import OrthogonalGradient, orthogonal_combine
+from .transform import GradientTransform, TransformedOptimizer, TransformHandle, attach, wrap
 
-__all__ = ["GradientNoise", "OrthogonalGradient", "orthogonal_combine", "MFAC"]
+__all__ = ["GradientNoise", "OrthogonalGradient", "orthogonal_combine", "MFAC",
+           "GradientTransform", "TransformedOptimizer", "TransformHandle", "attach", "wrap"]

@@ -3,7 +3,7 @@ gradients (paper slug: mfac, arXiv 2107.03356).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -31,6 +31,15 @@ class MFAC(torch.optim.Optimizer):
     ``sparse=True`` freezes the weights that are exactly 0 at construction (masked out of g and of the
     update). Memory: ``ngrads x d`` floats (``dtype``, default the parameters' dtype) + O(ngrads^2) float64.
     Cost per step O(d m + m^2) with ``method="woodbury"`` (default), O(d m + m^3) with ``"mfac"``.
+
+    State: everything lives in ``self.state`` under the first parameter, as one dict (the window
+    ``grads`` (m x d), ``dots`` = K, the factor ``inv`` (woodbury) or ``coef``/``pivots`` (mfac),
+    ``slot``, ``step``, ``since_refresh``, ``damp``, ``method``, and ``momentum_buffer`` / ``mask``
+    (flat, length d) when used), so ``torch.save(opt.state_dict())`` and a ``load_state_dict`` into a
+    fresh MFAC on a fresh model continue bit-identically. As with torch's optimizers the returned
+    dict references the live tensors (save it before the next step); loading copies them, keeping
+    each tensor's dtype (K and the factors stay float64) on this optimizer's device. ``self.fisher``
+    is the :class:`SlidingFisherInverse` that computes on those tensors.
 
     Example::
 
@@ -70,10 +79,39 @@ class MFAC(torch.optim.Optimizer):
         self.fisher = SlidingFisherInverse(ngrads, self.d, damp=damp, method=method, dtype=wdtype,
                                            device=first.device)
         self.ngrads, self.damp, self.method = ngrads, self.fisher.damp, method
-        self.mask = None
+        self.sparse = bool(sparse)
+        st = self.state[first]
+        st.update(step=0, slot=0, since_refresh=0, damp=self.damp, method=method,
+                  grads=self.fisher.grads, dots=self.fisher.dots)
+        st.update(self._factors())
         if sparse:
-            self.mask = torch.cat([(p.detach() != 0).reshape(-1).to(wdtype) for p in self._params])
-        self._momentum_buffer: Tensor | None = None
+            st["mask"] = torch.cat([(p.detach() != 0).reshape(-1).to(wdtype) for p in self._params])
+
+    # ------------------------------------------------------------------------------ state
+    _FACTORS = {"woodbury": ("inv",), "mfac": ("coef", "pivots")}
+
+    def _factors(self) -> dict[str, Tensor]:
+        return {k: getattr(self.fisher, k) for k in self._FACTORS[self.method]}
+
+    @property
+    def _mstate(self) -> dict[str, Any]:
+        """The optimizer's whole state: ``self.state[first parameter]``."""
+        return self.state[self._params[0]]
+
+    @property
+    def mask(self) -> Tensor | None:
+        """The flat 0/1 mask of ``sparse=True`` (None otherwise)."""
+        return self._mstate.get("mask")
+
+    def _sync(self) -> None:
+        """Write ``self.fisher``'s counters and (rebound) factors into ``self.state``.
+
+        The window and K are the same tensors in both (updated in place); the counters are ints and
+        the woodbury inverse is rebound at each update, so they are copied after every change.
+        """
+        f = self.fisher
+        self._mstate.update(slot=f.slot, step=f.count, since_refresh=f._since_refresh,  # noqa: private read
+                            grads=f.grads, dots=f.dots, **self._factors())
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if hasattr(self, "fisher"):
@@ -97,6 +135,7 @@ class MFAC(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         dt = self.fisher.dtype
+        mask = self.mask
         g = torch.cat([(torch.zeros(p.numel(), dtype=dt, device=p.device) if p.grad is None
                         else p.grad.detach().reshape(-1)) for p in self._params])
         if g.dtype != dt:  # one cast for the flat vector (a per-tensor no-op cast costs ~1 us each)
@@ -104,21 +143,23 @@ class MFAC(torch.optim.Optimizer):
         wd = self._group_vector("weight_decay")
         if not isinstance(wd, float) or wd != 0.0:
             g = g + wd * torch.cat([p.detach().reshape(-1).to(dt) for p in self._params])
-        if self.mask is not None:
-            g = g * self.mask
+        if mask is not None:
+            g = g * mask
+        st = self._mstate
         u = self.fisher.update_mul(g)
+        self._sync()
         mom = self._group_vector("momentum")
         if not isinstance(mom, float) or mom != 0.0:
-            if self._momentum_buffer is None:
-                self._momentum_buffer = torch.zeros_like(u)
-            buf = self._momentum_buffer
+            buf = st.get("momentum_buffer")
+            if buf is None:
+                buf = st["momentum_buffer"] = torch.zeros_like(u)
             if isinstance(mom, float):
                 buf.mul_(mom).add_(u, alpha=1 - mom)
             else:
                 buf.mul_(mom).add_((1 - mom) * u)
             u = buf
-        if self.mask is not None:
-            u = u * self.mask
+        if mask is not None:
+            u = u * mask
         lr = self._group_vector("lr")
         if not isinstance(lr, float):
             u, lr = u * lr, 1.0
@@ -128,25 +169,61 @@ class MFAC(torch.optim.Optimizer):
         return loss
 
     def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        buf, mask = self._momentum_buffer, self.mask
-        sd["mfac"] = {"fisher": self.fisher.state_dict(), "ngrads": self.ngrads, "d": self.d,
-                      "momentum_buffer": None if buf is None else buf.clone(),
-                      "mask": None if mask is None else mask.clone()}
-        return sd
+        """torch's optimizer state dict; the M-FAC state is ``state[0]`` (references, not copies)."""
+        return super().state_dict()
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        extra = state_dict.pop("mfac", None)
-        if extra is None:
-            raise ValueError("state_dict has no 'mfac' entry: not saved by gradkit.optim.MFAC")
-        if extra["ngrads"] != self.ngrads or extra["d"] != self.d:
-            raise ValueError(f"state_dict is for ngrads={extra['ngrads']}, d={extra['d']}; this optimizer has "
-                             f"ngrads={self.ngrads}, d={self.d}")
-        super().load_state_dict(state_dict)
-        self.fisher.load_state_dict(extra["fisher"])
-        dev, dt = self.fisher.grads.device, self.fisher.dtype
-        buf = extra["momentum_buffer"]
-        self._momentum_buffer = None if buf is None else buf.to(device=dev, dtype=dt).clone()
-        mask = extra["mask"]
-        self.mask = None if mask is None else mask.to(device=dev, dtype=dt).clone()
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load :meth:`state_dict`: param groups via torch, the M-FAC state copied exactly (dtypes kept)."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping (from MFAC.state_dict()), got {type(state_dict).__name__}")
+        sd = _from_legacy(state_dict)
+        if "state" not in sd or "param_groups" not in sd:
+            raise ValueError("state_dict must have 'state' and 'param_groups' keys (from MFAC.state_dict())")
+        saved = sd["state"].get(0)
+        if not isinstance(saved, Mapping) or not isinstance(saved.get("grads"), Tensor):
+            raise ValueError("state_dict has no M-FAC state under parameter 0: not saved by gradkit.optim.MFAC")
+        for k in ("dots", "slot", "step", "since_refresh"):
+            if k not in saved:
+                raise ValueError(f"state_dict['state'][0] has no {k!r}: not saved by gradkit.optim.MFAC")
+        m, d = (tuple(saved["grads"].shape) + (None, None))[:2]
+        if saved["grads"].dim() != 2 or (m, d) != (self.ngrads, self.d):
+            raise ValueError(f"state_dict is for ngrads={m}, d={d}; this optimizer has ngrads={self.ngrads}, "
+                             f"d={self.d}")
+        if ("mask" in saved) != self.sparse:
+            raise ValueError(f"state_dict {'has' if 'mask' in saved else 'has no'} sparsity mask but this MFAC "
+                             f"was built with sparse={self.sparse}")
+        own = self._mstate  # this optimizer's buffers (dtype, device): the saved state is copied into them
+        super().load_state_dict({**sd, "state": {k: v for k, v in sd["state"].items() if k != 0}})
+        self.state[self._params[0]] = own
+        dev, dt = own["grads"].device, self.fisher.dtype
+        # an inverse saved with another method or damp is recomputed from K (fisher.load_state_dict refactors)
+        same = saved.get("method", "woodbury") == self.method and saved.get("damp", self.damp) == self.damp
+        self.fisher.load_state_dict({"grads": saved["grads"], "dots": saved["dots"], "slot": saved["slot"],
+                                     "count": saved["step"], "since_refresh": saved["since_refresh"],
+                                     "inv": saved.get("inv") if same else None})
+        own.pop("momentum_buffer", None)
+        if saved.get("momentum_buffer") is not None:
+            own["momentum_buffer"] = saved["momentum_buffer"].detach().to(device=dev, dtype=dt, copy=True)
+        if self.sparse:
+            own["mask"] = saved["mask"].detach().to(device=dev, dtype=dt, copy=True)
+        own.update(damp=self.damp, method=self.method)
+        self._sync()
+
+
+def _from_legacy(sd: Mapping[str, Any]) -> dict[str, Any]:
+    """A state dict of the earlier format (M-FAC state under an ``"mfac"`` key) in the current one."""
+    sd = dict(sd)
+    extra = sd.pop("mfac", None)
+    if extra is None:
+        return sd
+    f = extra["fisher"]
+    st = {"grads": f["grads"], "dots": f["dots"], "slot": f["slot"], "step": f["count"],
+          "since_refresh": f.get("since_refresh", 0)}
+    if f.get("inv") is not None:
+        st.update(inv=f["inv"], method="woodbury")
+    if extra.get("momentum_buffer") is not None:
+        st["momentum_buffer"] = extra["momentum_buffer"]
+    if extra.get("mask") is not None:
+        st["mask"] = extra["mask"]
+    sd["state"] = {**dict(sd.get("state", {})), 0: st}
+    return sd

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .._validate import param_list, real_scalar
+from .transform import GradientTransform
 
 __all__ = ["orthogonal_combine", "OrthogonalGradient"]
 
@@ -110,7 +111,7 @@ def _flatten_params(params: Any) -> list[Tensor]:
     return out
 
 
-class OrthogonalGradient:
+class OrthogonalGradient(GradientTransform):
     """Write ``g_main + eta * g_aux_perp`` (+ any extra gradient) into the parameters' ``.grad``.
 
     Paper: odice (Mao et al., ICLR 2024): the orthogonal-gradient update of DICE value learning,
@@ -124,8 +125,8 @@ class OrthogonalGradient:
     Parameter groups (``optimizer.param_groups``) are accepted; parameters reached by neither
     loss are left untouched.
 
-    Three ways to use it, all of which *accumulate* into ``.grad`` like ``Tensor.backward``
-    (call ``optimizer.zero_grad()`` first):
+    From losses, three ways, all of which *accumulate* into ``.grad`` like ``Tensor.backward``
+    (call ``optimizer.zero_grad()`` first); they need ``params`` at construction:
 
     - ``backward(main_loss, aux_loss, extra_loss=None)``: the two gradients are taken separately
       with ``torch.autograd.grad`` (never as a difference of accumulated ``.grad``), combined,
@@ -135,6 +136,16 @@ class OrthogonalGradient:
       its ``.backward()`` writes exactly the combined gradient (+ the extra loss's gradient).
     - by hand, after computing the two parts yourself: ``apply(main_grads, aux_grads)`` with one
       tensor (or None) per parameter; ``combine`` returns the result without writing it.
+
+    As a gradient transform (:mod:`gradkit.optim.transform`; it needs two gradients, so the
+    auxiliary one is set aside first): ``aux_loss.backward()``, then ``og.stash(params)`` moves
+    each ``.grad`` into a buffer (leaving ``.grad`` None); ``main_loss.backward()``; then
+    ``og(params)`` - or ``wrap(optimizer, og)`` at ``step()``, or ``og.attach(params)`` attached
+    only around the main backward - replaces ``.grad`` (= ``g_main``) by the combination and
+    empties the buffer. Calling ``og(params)`` without a stash raises ``RuntimeError``. An extra
+    loss is backpropagated after ``og(params)`` (by hand) or goes through ``backward``/``surrogate``.
+    ``state_dict()`` is empty: nothing is carried from one update to the next (a pending stash is
+    not saved).
 
     ``last`` holds statistics of the latest combination (floats): ``coef`` = c (global
     projection only), ``cos`` = cos(g_main, g_aux), ``perp_cos`` = cos(g_aux_perp, g_main)
@@ -146,15 +157,23 @@ class OrthogonalGradient:
         og = OrthogonalGradient(model.parameters(), eta=1.0)
         opt.zero_grad(); og.backward(loss_forward, loss_backward, extra_loss=loss_init)
         opt.step()
+        # or: loss_backward.backward(retain_graph=True); og.stash(); loss_forward.backward(); og(); opt.step()
     """
 
-    def __init__(self, params: Any, eta: float = 1.0, eps: float = 1e-10, per_tensor: bool = False) -> None:
-        self.params = _flatten_params(params)
+    def __init__(self, params: Any = None, eta: float = 1.0, eps: float = 1e-10, per_tensor: bool = False) -> None:
+        self.params = None if params is None else _flatten_params(params)
         self.eta, self.eps = _check_eta_eps(eta, eps)
         if not isinstance(per_tensor, bool):
             raise TypeError(f"per_tensor must be a bool, got {type(per_tensor).__name__} {per_tensor!r}")
         self.per_tensor = per_tensor
         self.last: dict[str, float] = {}
+        self._aux: dict[int, tuple[Tensor, Tensor]] | None = None   # id(param) -> (param, stashed grad)
+
+    def _own(self) -> list[Tensor]:
+        if self.params is None:
+            raise TypeError("OrthogonalGradient was built without params: the loss-based methods need them "
+                            "(OrthogonalGradient(model.parameters(), ...))")
+        return self.params
 
     # ------------------------------------------------------------------------------ gradients
     def _check_loss(self, name: str, loss: Any) -> None:
@@ -168,11 +187,11 @@ class OrthogonalGradient:
     def gradients(self, loss: Tensor, name: str = "loss", retain_graph: bool = True) -> list[Tensor | None]:
         """Gradient of one scalar loss w.r.t. every parameter (None where the loss does not reach it)."""
         self._check_loss(name, loss)
-        return list(torch.autograd.grad(loss.reshape(()), self.params, retain_graph=retain_graph,
+        return list(torch.autograd.grad(loss.reshape(()), self._own(), retain_graph=retain_graph,
                                         allow_unused=True))
 
     # ------------------------------------------------------------------------------ combination
-    def _check_grads(self, name: str, grads: Any) -> list[Tensor | None]:
+    def _check_grads(self, name: str, grads: Any, params: list[Tensor]) -> list[Tensor | None]:
         if isinstance(grads, Tensor):
             raise TypeError(f"{name} must be a sequence with one tensor (or None) per parameter, got a "
                             "single tensor (use orthogonal_combine for flat vectors)")
@@ -180,9 +199,9 @@ class OrthogonalGradient:
             grads = list(grads)
         except TypeError:
             raise TypeError(f"{name} must be a sequence of tensors or None, got {type(grads).__name__}") from None
-        if len(grads) != len(self.params):
-            raise ValueError(f"{name} has {len(grads)} entries, expected {len(self.params)} (one per parameter)")
-        for i, (g, p) in enumerate(zip(grads, self.params)):
+        if len(grads) != len(params):
+            raise ValueError(f"{name} has {len(grads)} entries, expected {len(params)} (one per parameter)")
+        for i, (g, p) in enumerate(zip(grads, params)):
             if g is None:
                 continue
             if not isinstance(g, Tensor):
@@ -198,33 +217,37 @@ class OrthogonalGradient:
 
     def combine(self, main_grads: Sequence[Tensor | None], aux_grads: Sequence[Tensor | None]) -> list[Tensor | None]:
         """Per-parameter ``g_main + eta * g_aux_perp`` (None where both parts are None); updates ``last``."""
-        gm = self._check_grads("main_grads", main_grads)
-        ga = self._check_grads("aux_grads", aux_grads)
-        used = [i for i in range(len(self.params)) if gm[i] is not None or ga[i] is not None]
-        out: list[Tensor | None] = [None] * len(self.params)
+        return self._combine(self._own(), main_grads, aux_grads)
+
+    def _combine(self, params: list[Tensor], main_grads: Sequence[Tensor | None],
+                 aux_grads: Sequence[Tensor | None]) -> list[Tensor | None]:
+        gm = self._check_grads("main_grads", main_grads, params)
+        ga = self._check_grads("aux_grads", aux_grads, params)
+        used = [i for i in range(len(params)) if gm[i] is not None or ga[i] is not None]
+        out: list[Tensor | None] = [None] * len(params)
         if not used:
             self.last = {}
             return out
 
         def flat(gs: list[Tensor | None], idx: list[int], wd: torch.dtype) -> Tensor:
-            return torch.cat([(gs[i].detach() if gs[i] is not None else torch.zeros_like(self.params[i]))
+            return torch.cat([(gs[i].detach() if gs[i] is not None else torch.zeros_like(params[i]))
                               .reshape(-1).to(wd) for i in idx])
 
         groups = [[i] for i in used] if self.per_tensor else [used]
         if not self.per_tensor:
-            devices = {self.params[i].device for i in used}
+            devices = {params[i].device for i in used}
             if len(devices) > 1:
                 raise ValueError(f"the global projection needs all parameters on one device, got "
                                  f"{sorted(map(str, devices))}; use per_tensor=True")
         all_stats = []
         for idx in groups:
-            wd = _work_dtype(functools.reduce(torch.promote_types, [self.params[i].dtype for i in idx]))
+            wd = _work_dtype(functools.reduce(torch.promote_types, [params[i].dtype for i in idx]))
             res, stats = _project(flat(gm, idx, wd), flat(ga, idx, wd), self.eta, self.eps)
             all_stats.append(stats)
             offset = 0
             for i in idx:
-                n = self.params[i].numel()
-                out[i] = res[offset:offset + n].view_as(self.params[i]).to(self.params[i].dtype)
+                n = params[i].numel()
+                out[i] = res[offset:offset + n].view_as(params[i]).to(params[i].dtype)
                 offset += n
         if len({s.device for s in all_stats}) == 1:
             total = torch.stack([s.to(torch.float64) for s in all_stats]).sum(0)
@@ -244,7 +267,7 @@ class OrthogonalGradient:
 
     def apply(self, main_grads: Sequence[Tensor | None], aux_grads: Sequence[Tensor | None]) -> None:
         """Combine per-parameter gradient parts and accumulate the result into ``.grad``."""
-        for p, g in zip(self.params, self.combine(main_grads, aux_grads)):
+        for p, g in zip(self._own(), self.combine(main_grads, aux_grads)):
             if g is None:
                 continue
             p.grad = g if p.grad is None else p.grad.add_(g)
@@ -270,7 +293,7 @@ class OrthogonalGradient:
         """
         g = self._from_losses(main_loss, aux_loss, extra_loss)
         value = (main_loss.detach() + self.eta * aux_loss.detach()).reshape(())
-        inject = sum((p * gi).sum() for p, gi in zip(self.params, g) if gi is not None)
+        inject = sum((p * gi).sum() for p, gi in zip(self._own(), g) if gi is not None)
         value = value + (inject - inject.detach())  # value unchanged, gradient = g exactly
         if extra_loss is not None:
             value = value + extra_loss.reshape(())
@@ -282,7 +305,7 @@ class OrthogonalGradient:
         Returns the detached value ``main + eta * aux + extra`` (for logging).
         """
         g = self._from_losses(main_loss, aux_loss, extra_loss)
-        for p, gi in zip(self.params, g):
+        for p, gi in zip(self._own(), g):
             if gi is not None:
                 p.grad = gi if p.grad is None else p.grad.add_(gi)
         value = (main_loss.detach() + self.eta * aux_loss.detach()).reshape(())
@@ -291,6 +314,58 @@ class OrthogonalGradient:
             value = value + extra_loss.detach().reshape(())
         return value
 
+    # ------------------------------------------------------------------------------ transform protocol
+    def _transform_params(self, params: Any) -> list[Tensor]:
+        return self._resolve_params(params)  # None: the construction-time params
+
+    @torch.no_grad()
+    def stash(self, params: Any = None) -> None:
+        """Move the current ``.grad`` of ``params`` (the auxiliary gradient) into a buffer, leaving None.
+
+        A second ``stash`` before ``og(params)`` adds to the buffer (gradient accumulation).
+        """
+        plist = self._transform_params(params)
+        aux = {} if self._aux is None else self._aux
+        for i, p in enumerate(plist):
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse or g.layout != torch.strided:
+                raise ValueError(f"params[{i}] has a {g.layout} gradient; only dense gradients are supported")
+            prev = aux.get(id(p))
+            aux[id(p)] = (p, g if prev is None else prev[1].add_(g))
+            p.grad = None
+        self._aux = aux
+
+    @property
+    def stashed(self) -> bool:
+        """True between :meth:`stash` and the next ``og(params)``."""
+        return self._aux is not None
+
+    @torch.no_grad()
+    def __call__(self, params: Any = None) -> None:
+        """Replace each ``.grad`` (the main gradient) by ``g_main + eta * g_aux_perp`` using the stash.
+
+        ``params=None``: the params given at construction. Parameters with neither a gradient nor a
+        stashed one are left untouched; the stash is emptied.
+        """
+        plist = self._transform_params(params)
+        if self._aux is None:
+            raise RuntimeError("OrthogonalGradient has no auxiliary gradient: call og.stash(params) after the "
+                               "auxiliary loss's backward and before the main loss's backward")
+        aux = self._aux
+        main = [p.grad for p in plist]
+        extra = [aux[id(p)][1] if id(p) in aux else None for p in plist]
+        out = self._combine(plist, main, extra)
+        self._aux = None
+        for p, g in zip(plist, out):
+            if g is None:
+                continue
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.copy_(g)
+
     def __repr__(self) -> str:
         return (f"OrthogonalGradient(eta={self.eta:g}, eps={self.eps:g}, per_tensor={self.per_tensor}, "
-                f"params={len(self.params)})")
+                f"params={'None' if self.params is None else len(self.params)})")

@@ -28,7 +28,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from .._validate import real_scalar
+from .._validate import choice, real_scalar
 from ..nn.maskable_dropout import MaskableDropout, activation_shapes, dropout_mode, maskable_dropouts
 from .inversion import GradientInversion, InversionPreset, InversionResult, SearchSpace, register_preset
 from .matching import model_gradients
@@ -53,8 +53,7 @@ class DIAPreset(InversionPreset):
     def __post_init__(self) -> None:
         super().__post_init__()
         real_scalar("mask_reg", self.mask_reg, nonneg=True)
-        if self.mask_init not in MASK_INITS:
-            raise ValueError(f"mask_init must be one of {MASK_INITS}, got {self.mask_init!r}")
+        choice("mask_init", self.mask_init, MASK_INITS)
 
 
 # The official configs (example_configs/attacks/{DIA,IG}.yaml): cosine distance over all parameters, TV 1e-5,

@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .._validate import real_scalar
+from .._validate import is_int, positive_int, real_scalar
 from ..generative.layered import LayeredGenerator
 from .inversion import (PRESETS, GradientInversion, InversionPreset, InversionResult, LatentSpace, SearchSpace,
                         register_preset)
@@ -119,7 +119,7 @@ class FeatureSpace(SearchSpace):
         if not isinstance(generator, LayeredGenerator):
             raise TypeError(f"generator must be a LayeredGenerator, got {type(generator).__name__}")
         L = generator.num_blocks
-        if isinstance(stage, bool) or not isinstance(stage, int) or not 1 <= stage <= L - 1:
+        if not is_int(stage, low=1, high=L - 1):
             raise ValueError(f"stage must be an int in [1, {L - 1}] (0 is the latent: use LatentSpace; {L} is the "
                              f"image: use PixelSpace), got {stage!r}")
         if not isinstance(h_init, Tensor) or not h_init.is_floating_point() or h_init.dim() < 2:
@@ -192,7 +192,7 @@ def _int_tuple(name: str, values) -> tuple[int, ...]:
         out = tuple(values)
     except TypeError:
         raise ValueError(f"{name} must be a sequence of ints, got {values!r}") from None
-    if not out or any(isinstance(v, bool) or not isinstance(v, int) for v in out):
+    if not out or not all(is_int(v) for v in out):
         raise ValueError(f"{name} must be a non-empty sequence of ints, got {values!r}")
     return out
 
@@ -231,14 +231,12 @@ class GIFD:
                 raise ValueError(f"rho must hold one value per feature stage ({n_feat}: stages {stages[1:]}), "
                                  f"got {len(rho)}")
             rho = tuple(real_scalar(f"rho[{i}]", r, nonneg=True) for i, r in enumerate(rho))
-        if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
-            raise ValueError(f"restarts must be a positive int, got {restarts!r}")
+        restarts = positive_int("restarts", restarts)
         base = PRESETS.get(preset) if isinstance(preset, str) else preset
         if not isinstance(base, InversionPreset):
             raise TypeError(f"preset must be an InversionPreset or a registered name, got {type(preset).__name__}")
         if steps_per_stage is not None:
-            if isinstance(steps_per_stage, bool) or not isinstance(steps_per_stage, int) or steps_per_stage < 1:
-                raise ValueError(f"steps_per_stage must be a positive int, got {steps_per_stage!r}")
+            steps_per_stage = positive_int("steps_per_stage", steps_per_stage)
             base = dataclasses.replace(base, iters=steps_per_stage)
         self.generator = generator
         self.stages = stages

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
+from .._validate import positive_int
 from ..nn.hypernetwork import HyperClient, HyperNetwork, load_state_strict
 from .inversion import (PRESETS, GradientInversion, InversionPreset, InversionResult, PixelSpace, SearchSpace,
                         register_preset)
@@ -142,8 +143,7 @@ class HiddenClientSpace(SearchSpace):
 
     def __init__(self, embed_dim: int, head_shape: tuple[int, int], *, optimise: bool = True,
                  generator: torch.Generator | None = None, device=None, dtype=None) -> None:
-        if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 1:
-            raise ValueError(f"embed_dim must be a positive int, got {embed_dim!r}")
+        positive_int("embed_dim", embed_dim)
         if len(head_shape) != 2 or min(head_shape) < 1:
             raise ValueError(f"head_shape must be (classes, features), got {head_shape!r}")
         out_f, in_f = (int(s) for s in head_shape)

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .._validate import real_scalar
+from .._validate import choice, integer, is_int, positive_int, real_in, real_scalar
 from ..registry import Registry
 from .matching import COSTS, check_gradients, gradient_distance, model_gradients, total_variation
 
@@ -68,24 +68,16 @@ class InversionPreset:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name must be a non-empty string, got {self.name!r}")
-        if self.cost not in COSTS:
-            raise ValueError(f"cost must be one of {COSTS}, got {self.cost!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.model_mode not in MODEL_MODES:
-            raise ValueError(f"model_mode must be one of {MODEL_MODES}, got {self.model_mode!r}")
+        choice("cost", self.cost, COSTS)
+        choice("schedule", self.schedule, SCHEDULES)
+        choice("model_mode", self.model_mode, MODEL_MODES)
         for k in ("tv", "image_norm", "early_stop"):
             real_scalar(k, getattr(self, k), nonneg=True)
-        if real_scalar("lr", self.lr) <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 1:
-            raise ValueError(f"iters must be a positive int, got {self.iters!r}")
+        real_in("lr", self.lr, 0.0, low_open=True)
+        positive_int("iters", self.iters)
         for k in ("plateau_patience", "patience"):
-            v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{k} must be an int >= 0, got {v!r}")
-        if self.max_batch is not None and (isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int)
-                                           or self.max_batch < 1):
+            integer(k, getattr(self, k), low=0)
+        if self.max_batch is not None and not is_int(self.max_batch, low=1):
             raise ValueError(f"max_batch must be a positive int or None, got {self.max_batch!r}")
 
 

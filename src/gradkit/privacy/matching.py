@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._validate import choice, is_int
+
 __all__ = ["model_gradients", "check_gradients", "gradient_distance", "total_variation", "infer_labels", "COSTS"]
 
 COSTS = ("cosine", "l2")
@@ -69,8 +71,7 @@ def check_gradients(target_grads: Sequence[Tensor], params: Sequence[Tensor]) ->
 
 def gradient_distance(grads: Sequence[Tensor], target: Sequence[Tensor], cost: str = "cosine") -> Tensor:
     """Distance between two gradient lists: ``cosine`` (over the concatenation) or squared ``l2``."""
-    if cost not in COSTS:
-        raise ValueError(f"cost must be one of {COSTS}, got {cost!r}")
+    choice("cost", cost, COSTS)
     grads, target = list(grads), list(target)
     if len(grads) != len(target) or not grads:
         raise ValueError(f"grads and target must be non-empty lists of equal length, got {len(grads)} and "
@@ -107,6 +108,6 @@ def infer_labels(last_weight_grad: Tensor, n: int) -> Tensor:
         raise ValueError("last_weight_grad must be the (classes, features) weight gradient of the last linear "
                          f"layer, got {getattr(last_weight_grad, 'shape', type(last_weight_grad).__name__)}")
     classes = last_weight_grad.shape[0]
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= classes:
+    if not is_int(n, low=1, high=classes):
         raise ValueError(f"n must be an int in [1, {classes}] (labels are inferred as distinct classes), got {n!r}")
     return torch.argsort(last_weight_grad.detach().sum(dim=1), stable=True)[:n]

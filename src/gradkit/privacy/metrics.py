@@ -12,11 +12,12 @@ with originals by minimal total MSE (Hungarian assignment) before scoring.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .._validate import positive
 
 __all__ = ["mse", "psnr", "ssim", "match_order", "reconstruction_metrics"]
 
@@ -33,10 +34,7 @@ def _pair(x: Tensor, x_hat: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _range(data_range: float) -> float:
-    if isinstance(data_range, bool) or not isinstance(data_range, (int, float)) or not data_range > 0 \
-            or not math.isfinite(data_range):
-        raise ValueError(f"data_range must be a finite number > 0, got {data_range!r}")
-    return float(data_range)
+    return positive("data_range", data_range, tensor_ok=False)
 
 
 def mse(x: Tensor, x_hat: Tensor) -> Tensor:

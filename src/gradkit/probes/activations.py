@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._validate import real_scalar
+from .._validate import choice, real_in
 from ._hooks import HookProbe
 
 
@@ -157,11 +157,8 @@ def count_spikes(values: Sequence[float], factor: float, reference: str = "min")
     >>> count_spikes([3.0, 2.0, 1.0, 2.5, 1.0], factor=2.0)   # 2.5 > 2 * 1.0
     1
     """
-    factor = real_scalar("factor", factor, tensor_ok=False)
-    if factor <= 0:
-        raise ValueError(f"factor must be > 0, got {factor!r}")
-    if reference not in ("min", "median"):
-        raise ValueError(f"reference must be 'min' or 'median', got {reference!r}")
+    factor = real_in("factor", factor, 0.0, low_open=True, tensor_ok=False)
+    choice("reference", reference, ("min", "median"))
     xs = [float(v) for v in values]
     n, seen = 0, []
     for v in xs:

@@ -14,6 +14,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .._validate import nonneg_int
+
 __all__ = ["proxy_a_distance"]
 
 DEFAULT_C = tuple(float(c) for c in np.logspace(-3, 2, 6))
@@ -60,8 +62,7 @@ def proxy_a_distance(feat_src: Any, feat_tgt: Any, seed: int = 0,
     if xs.shape[1] != xt.shape[1]:
         raise ValueError(f"feat_src and feat_tgt must have the same number of features, got "
                          f"{xs.shape[1]} and {xt.shape[1]}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    seed = nonneg_int("seed", seed)
     cs = [float(c) for c in C]
     if not cs or any(not np.isfinite(c) or c <= 0 for c in cs):
         raise ValueError(f"C must be a non-empty sequence of positive finite numbers, got {C!r}")

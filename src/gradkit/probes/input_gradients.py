@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._validate import real_scalar
-from .saliency import Saliency, _inputs
+from .._validate import choice, is_int, real_scalar, tensor
+from .saliency import Saliency
 
 OUTPUTS = ("loss", "logit")
 KEEP = ("top", "bottom")
@@ -45,9 +45,7 @@ class InputGradient(Saliency):
 
     def __init__(self, forward_func: Callable[[Tensor], Tensor], output: str = "loss") -> None:
         super().__init__(forward_func)
-        if output not in OUTPUTS:
-            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-        self.output = output
+        self.output = choice("output", output, OUTPUTS)
 
     def _objective(self, logits: Tensor, target: Tensor, score: Tensor) -> Tensor:
         if self.output == "loss":
@@ -119,9 +117,8 @@ def attribution_mask(x: Tensor, attribution: Tensor, k: float, keep: str = "top"
     >>> attribution_mask(x, a, k=0.5, keep="top", fill=-1.0)
     tensor([[-1.,  1.,  2., -1.]])
     """
-    x = _inputs(x)
-    if keep not in KEEP:
-        raise ValueError(f"keep must be one of {KEEP}, got {keep!r}")
+    x = tensor("x", x, floating=True, min_dim=2)
+    choice("keep", keep, KEEP)
     if not isinstance(attribution, Tensor) or attribution.dim() != x.dim() or attribution.shape[0] != x.shape[0]:
         raise ValueError(f"attribution must have x's number of dims and rows {tuple(x.shape)}, got "
                          f"{tuple(getattr(attribution, 'shape', ()))}")
@@ -192,8 +189,7 @@ def top_hit_rate(attribution: Tensor, signal_index: Tensor, which: str = "top") 
     >>> top_hit_rate(torch.tensor([[0.1, 0.9], [0.8, 0.2]]), torch.tensor([1, 1]))
     0.5
     """
-    if which not in KEEP:
-        raise ValueError(f"which must be one of {KEEP}, got {which!r}")
+    choice("which", which, KEEP)
     if not isinstance(attribution, Tensor) or attribution.dim() != 2:
         raise ValueError(f"attribution must be (N, d), got {tuple(getattr(attribution, 'shape', ()))}")
     j = torch.as_tensor(signal_index, device=attribution.device).reshape(-1)
@@ -248,7 +244,7 @@ def diffroar(make_model: Callable[[], nn.Module], train_fn: Callable[[nn.Module,
     if not ks:
         raise ValueError("ks must hold at least one level k in (0, 1], got an empty sequence")
     seeds = tuple(seeds)
-    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
+    if not seeds or not all(is_int(s, low=0) for s in seeds):
         raise ValueError(f"seeds must be a non-empty sequence of non-negative ints, got {seeds!r}")
     for nm, xx, aa in (("train", x_train, attr_train), ("test", x_test, attr_test)):
         if not isinstance(aa, Tensor) or aa.shape[0] != xx.shape[0]:

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..functional.periodic import _check_tensor, check_freq
-from ..functional.straight_through import _sign_pm1
+from .._validate import tensor
+from ..functional.periodic import check_freq
+from ..functional.straight_through import sign_pm1
 from ..nn.periodic import periodic_layers
 
 __all__ = ["QE_UNIFORM", "quantization_error", "biper_quantization_error"]
@@ -33,12 +34,12 @@ def quantization_error(w: Tensor, freq: Any) -> float:
     >>> round(quantization_error(w, 50.0), 3)   # 50 whole periods: 1 - 2/pi
     0.363
     """
-    _check_tensor(w, "w", finite=True)
+    tensor("w", w, floating=True, finite=True)
     f = check_freq(freq)
     if w.numel() == 0:
         raise ValueError("w must have at least one element, got an empty tensor")
     s = torch.sin(w.detach().to(torch.promote_types(w.dtype, torch.float32)) * f)
-    return float((s - _sign_pm1(s)).abs().mean())
+    return float((s - sign_pm1(s)).abs().mean())
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._validate import real_scalar
+from .._validate import choice, is_int, real_scalar, tensor
 from ._hooks import HookProbe
 
 PHASE1 = ("bias", "scaling", "conv1x1", "conv3x3", "conv3x3_depthwise", "avg_bias_scaling")
@@ -55,24 +55,9 @@ def _targets(target, n: int, device: torch.device) -> Tensor | None:
 def _batch_size(internal_batch_size, n: int) -> int:
     if internal_batch_size is None:
         return max(n, 1)
-    if isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int) or internal_batch_size < 1:
+    if not is_int(internal_batch_size, low=1):
         raise ValueError(f"internal_batch_size must be a positive int or None, got {internal_batch_size!r}")
-    return internal_batch_size
-
-
-def _inputs(inputs) -> Tensor:
-    if not isinstance(inputs, Tensor):
-        raise TypeError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
-    if inputs.dim() < 2 or not inputs.is_floating_point():
-        raise ValueError(f"inputs must be a floating tensor of shape (N, ...), got shape {tuple(inputs.shape)} "
-                         f"and dtype {inputs.dtype}")
-    return inputs
-
-
-def _choice(name: str, value, options: Sequence[str]) -> str:
-    if value not in options:
-        raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}")
-    return value
+    return int(internal_batch_size)
 
 
 def _scores(out: Tensor, target: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -131,8 +116,8 @@ def two_phase_map(x: Tensor, g: Tensor, phase1: str = "conv1x1", phase2: str = "
     >>> torch.allclose(m, x.norm(dim=1) * g.norm(dim=1))
     True
     """
-    _choice("phase1", phase1, PHASE1)
-    _choice("phase2", phase2, PHASE2)
+    choice("phase1", phase1, PHASE1)
+    choice("phase2", phase2, PHASE2)
     if not isinstance(x, Tensor) or not isinstance(g, Tensor) or x.shape != g.shape or x.dim() != 4:
         raise ValueError("x and g must be tensors of the same shape (N, C, H, W), got "
                          f"{tuple(getattr(x, 'shape', ()))} and {tuple(getattr(g, 'shape', ()))}")
@@ -251,7 +236,7 @@ class Saliency:
 
     def attribute(self, inputs: Tensor, target=None, abs: bool = True,
                   internal_batch_size: int | None = None) -> Tensor:
-        inputs = _inputs(inputs)
+        inputs = tensor("inputs", inputs, floating=True, min_dim=2)
         n = inputs.shape[0]
         tgt = _targets(target, n, inputs.device)
         bs = _batch_size(internal_batch_size, n)
@@ -303,9 +288,9 @@ class LayerSaliency:
         self.capture_spec = LayerCapture(model, layers)  # validates model and layers
         self.model = model
         self.layers = list(self.capture_spec.modules)
-        self.phase1 = _choice("phase1", phase1, PHASE1)
-        self.phase2 = _choice("phase2", phase2, PHASE2)
-        self.combine = _choice("combine", combine, COMBINE)
+        self.phase1 = choice("phase1", phase1, PHASE1)
+        self.phase2 = choice("phase2", phase2, PHASE2)
+        self.combine = choice("combine", combine, COMBINE)
         if len(self.layers) > 1 and not (upsample and normalize):
             raise ValueError("combining several layers needs upsample=True and normalize=True")
         self.upsample, self.normalize, self.relu, self.call = bool(upsample), bool(normalize), bool(relu), call
@@ -316,7 +301,7 @@ class LayerSaliency:
 
     def layer_maps(self, inputs: Tensor, target=None) -> dict[str, Tensor]:
         """Raw (N, h, w) maps at each layer's resolution for one batch (no upsampling, no normalisation)."""
-        inputs = _inputs(inputs)
+        inputs = tensor("inputs", inputs, floating=True, min_dim=2)
         tgt = _targets(target, inputs.shape[0], inputs.device)
         with LayerCapture(self.model, self.layers) as cap, torch.enable_grad():
             score, _ = _scores(self.model(inputs), tgt)
@@ -345,7 +330,7 @@ class LayerSaliency:
         return out
 
     def attribute(self, inputs: Tensor, target=None, internal_batch_size: int | None = None) -> Tensor:
-        inputs = _inputs(inputs)
+        inputs = tensor("inputs", inputs, floating=True, min_dim=2)
         n = inputs.shape[0]
         tgt = _targets(target, n, inputs.device)
         bs = _batch_size(internal_batch_size, n)
@@ -392,7 +377,7 @@ class GradCAM(LayerSaliency):
         super().__init__(model, layers, phase1="avg_bias_scaling", phase2="sum", relu=True, **kwargs)
 
     def layer_maps(self, inputs: Tensor, target=None) -> dict[str, Tensor]:
-        inputs = _inputs(inputs)
+        inputs = tensor("inputs", inputs, floating=True, min_dim=2)
         tgt = _targets(target, inputs.shape[0], inputs.device)
         with LayerCapture(self.model, self.layers) as cap, torch.enable_grad():
             score, _ = _scores(self.model(inputs), tgt)
@@ -434,7 +419,7 @@ class MetaSaliency:
         return self.model
 
     def attribute(self, inputs: Tensor, target=None, internal_batch_size: int | None = None, **kwargs) -> Tensor:
-        inputs = _inputs(inputs)
+        inputs = tensor("inputs", inputs, floating=True, min_dim=2)
         n = inputs.shape[0]
         tgt = _targets(target, n, inputs.device)
         _batch_size(internal_batch_size, n)  # validated; the step is per example, one at a time
@@ -528,7 +513,7 @@ def class_sensitivity(attribution, model: nn.Module, inputs: Tensor, internal_ba
 
     >>> class_sensitivity(NormGrad(model, "conv3"), model, images)
     """
-    inputs = _inputs(inputs)
+    inputs = tensor("inputs", inputs, floating=True, min_dim=2)
     with torch.no_grad():
         logits = torch.cat([model(inputs[i:i + batch_size]) for i in range(0, len(inputs), batch_size)])
     hi, lo = logits.argmax(1), logits.argmin(1)

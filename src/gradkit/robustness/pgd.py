@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._validate import real_scalar
+from .._validate import choice, nonneg_int, positive_int, real_scalar
 
 NORMS = ("linf", "l2")
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -31,10 +31,8 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 def _check_attack_args(eps, norm, steps, step_size, clamp) -> tuple[float, str, int, float, tuple | None]:
     eps = real_scalar("eps", eps, nonneg=True)
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+    choice("norm", norm, NORMS)
+    steps = nonneg_int("steps", steps)
     step_size = 2.5 * eps / max(steps, 1) if step_size is None else real_scalar("step_size", step_size, nonneg=True)
     if clamp is not None:
         if not isinstance(clamp, (tuple, list)) or len(clamp) != 2:
@@ -180,8 +178,7 @@ def robust_accuracy(model: nn.Module, x: Tensor, y: Tensor, attack: PGD, batch_s
     """
     if not isinstance(attack, PGD):
         raise TypeError(f"attack must be a PGD preset, got {type(attack).__name__}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    batch_size = positive_int("batch_size", batch_size)
     was_training = model.training
     model.eval()
     correct = 0

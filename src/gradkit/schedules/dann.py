@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 from typing import Callable
-from .._validate import real_scalar
+
+from .._validate import positive_int, real_scalar
 
 __all__ = ["dann_lambda", "dann_lr", "dann_lr_lambda"]
 
@@ -77,8 +78,7 @@ def dann_lr_lambda(total_steps: int, alpha: float = 10.0, beta: float = 0.75) ->
         >>> sched = torch.optim.lr_scheduler.LambdaLR(opt, dann_lr_lambda(total_steps))
         >>> # call sched.step() after every opt.step()
     """
-    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-        raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
+    total_steps = positive_int("total_steps", total_steps)
     dann_lr(0.0, 1.0, alpha, beta)  # validate alpha and beta now
 
     def multiplier(step: int) -> float:

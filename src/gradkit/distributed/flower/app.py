@@ -17,9 +17,10 @@ Example::
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Mapping
+
+from ..._validate import is_int, is_real
 
 __all__ = ["DEFAULT_RUN_CONFIG", "SERVERAPP", "CLIENTAPP", "run_config", "write_app", "app_pyproject"]
 
@@ -60,9 +61,10 @@ def run_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
         if isinstance(d, bool) or isinstance(d, str):
             ok = isinstance(v, type(d))
         elif isinstance(d, int):
-            ok = isinstance(v, int) and not isinstance(v, bool)
+            ok = is_int(v)
+            v = int(v) if ok else v
         else:
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            ok = is_real(v)
             v = float(v) if ok else v
         if not ok:
             raise ValueError(f"run-config {k!r} must be a {type(d).__name__}, got {v!r}")

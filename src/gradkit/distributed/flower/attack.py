@@ -26,7 +26,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..._validate import real_scalar
+from ..._validate import is_int, positive_int, real_in
 from ..federated import FedAvgClient
 from ...privacy import PRESETS, GradientInversion, InversionPreset, PixelSpace, infer_labels
 
@@ -48,11 +48,8 @@ def update_to_gradients(model: nn.Module, arrays: Mapping[str, torch.Tensor],
                         global_arrays: Mapping[str, torch.Tensor], lr: float, steps: int = 1
                         ) -> list[torch.Tensor]:
     """``(w - w') / (lr * steps)`` for every trainable parameter of ``model``, in ``model.parameters()`` order."""
-    lr = real_scalar("lr", lr)
-    if lr <= 0:
-        raise ValueError(f"lr must be > 0, got {lr!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    lr = real_in("lr", lr, 0.0, low_open=True)
+    steps = positive_int("steps", steps)
     out = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -96,10 +93,9 @@ class InversionObserver:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         shape = tuple(input_shape) if isinstance(input_shape, (tuple, list, torch.Size)) else None
-        if not shape or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
+        if not shape or not all(is_int(s, low=1) for s in shape):
             raise ValueError(f"input_shape must be a non-empty sequence of positive ints, got {input_shape!r}")
-        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-            raise ValueError(f"num_images must be a positive int, got {num_images!r}")
+        num_images = positive_int("num_images", num_images)
         if select is not None and not callable(select):
             raise TypeError(f"select must be callable or None, got {type(select).__name__}")
         p = PRESETS.get(preset) if isinstance(preset, str) else preset
@@ -110,10 +106,8 @@ class InversionObserver:
         if labels is not None and (not isinstance(labels, torch.Tensor) or labels.dim() != 1
                                    or labels.numel() != num_images or labels.is_floating_point()):
             raise ValueError(f"labels must be a 1-D integer tensor of num_images={num_images} classes, got {labels!r}")
-        if real_scalar("lr", lr) <= 0:
-            raise ValueError(f"lr must be > 0, got {lr!r}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive int, got {steps!r}")
+        real_in("lr", lr, 0.0, low_open=True)
+        steps = positive_int("steps", steps)
         if isinstance(model, FedAvgClient):  # its shared state is the wrapped model's state_dict
             model = model.model
         self.model = copy.deepcopy(model)

@@ -15,6 +15,7 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from ..._validate import choice
 from ...engine import cpu_threads
 from .app import run_config
 from .strategy import record_to_tensors, tensors_to_record
@@ -29,8 +30,7 @@ CORRUPTIONS = ("none", "nan", "inf", "shape", "missing", "dtype")
 
 def corrupt_update(state: dict[str, torch.Tensor], mode: str) -> dict[str, torch.Tensor]:
     """A deliberately malformed copy of ``state`` (for testing server-side validation)."""
-    if mode not in CORRUPTIONS:
-        raise ValueError(f"corrupt must be one of {CORRUPTIONS}, got {mode!r}")
+    choice("corrupt", mode, CORRUPTIONS)
     out = {k: v.clone() for k, v in state.items()}
     if mode == "none":
         return out

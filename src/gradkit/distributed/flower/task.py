@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..._validate import choice, integer, positive_int
 from ...data import digits_images
 from ...engine import accuracy, mean_loss, seed_everything
 from ...nn.hypernetwork import HyperClient
@@ -34,12 +35,6 @@ METHODS = ("fedavg", "hyperfl")
 IMAGE_SHAPE = (1, 8, 8)
 
 
-def _pos_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 def make_model(method: str = "fedavg", *, seed: int = 0, hidden: int = 32, embed_dim: int = 16,
                hyper_hidden: int = 64) -> nn.Module:
     """A freshly initialised client model for ``method`` (``"fedavg"`` or ``"hyperfl"``), seeded.
@@ -49,9 +44,8 @@ def make_model(method: str = "fedavg", *, seed: int = 0, hidden: int = 32, embed
     HyperFL: ``HyperClient`` with a generated ``Flatten -> Linear(64, hidden) -> ReLU`` extractor, a private
     ``Linear(hidden, 10)`` head and a private embedding of ``embed_dim`` values (shares ``phi`` only).
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    _pos_int("hidden", hidden)
+    choice("method", method, METHODS)
+    positive_int("hidden", hidden)
     seed_everything(seed)
     body = [nn.Flatten(), nn.Linear(64, hidden), nn.ReLU()]
     if method == "fedavg":
@@ -71,9 +65,8 @@ def load_partition(partition_id: int, num_partitions: int, *, seed: int = 0, tes
 
     Images are ``(N, 1, 8, 8)`` float32 in [0, 1]; shards are disjoint and cover the data set.
     """
-    num_partitions = _pos_int("num_partitions", num_partitions)
-    if isinstance(partition_id, bool) or not isinstance(partition_id, int) or not 0 <= partition_id < num_partitions:
-        raise ValueError(f"partition_id must be an int in [0, {num_partitions}), got {partition_id!r}")
+    num_partitions = positive_int("num_partitions", num_partitions)
+    partition_id = integer("partition_id", partition_id, low=0, high=num_partitions - 1)
     if not 0.0 < float(test_fraction) < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
     x, y = _digits()

@@ -18,12 +18,12 @@ Example::
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any, Mapping
 
 import numpy as np
 import torch
+
+from ..._validate import ArgumentError, positive
 
 __all__ = ["check_update", "check_weight", "as_tensor_dict"]
 
@@ -94,8 +94,8 @@ def check_update(update: Mapping[str, Any], reference: Mapping[str, Any], *,
 
 def check_weight(weight: Any) -> str | None:
     """Why ``weight`` (a client's example count) cannot weight an average, or None."""
-    if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
-        return f"weight must be a real number, got {type(weight).__name__} {weight!r}"
-    if not math.isfinite(float(weight)) or float(weight) <= 0:
-        return f"weight must be finite and > 0, got {weight!r}"
+    try:
+        positive("weight", weight, tensor_ok=False)
+    except ArgumentError as e:
+        return str(e)
     return None

@@ -1,1 +1,0 @@
-"""Benchmarks of each paper's components (registered on import by gradkit.bench)."""

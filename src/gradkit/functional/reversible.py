@@ -1,0 +1,321 @@
+"""The reversible-chain autograd Function: a backward that rebuilds inputs from outputs instead of storing them.
+
+Shared core of the reversible papers (slugs ``revcol`` and ``rev-mbconv``). A *reversible step*
+updates an ordered list of L states ``c_0..c_{L-1}`` given an optional external input ``x``::
+
+    c_k_new = f_k(lower, upper) + alpha_k * c_k_old      k = 0, 1, ..., L-1 (in this order)
+    lower   = c_{k-1}_new   (x for k = 0)               upper = c_{k+1}_old (None for k = L-1)
+
+and is inverted top level first: ``c_k_old = (c_k_new - f_k(lower, upper)) / alpha_k``. RevNet's
+additive coupling ``y1 = x1 + F(x2), y2 = x2 + G(y1)`` is the case L = 2, alpha = 1, no ``x``;
+a RevCol column is L = 4 with learnable per-channel alphas. :class:`MultiLevelReversibleFunction`
+runs a chain of steps under ``no_grad`` and saves only ``x`` and the last step's outputs; its
+backward walks the chain backwards, recomputing each ``f_k`` once with grad enabled: the
+recomputed value both inverts the step and gives the vector-Jacobian products. Dropout masks are
+reproduced by replaying the RNG state captured before each ``f_k``; BatchNorm running statistics
+are restored after each recomputation, so they are updated exactly once per forward.
+
+Level functions must be ``nn.Module`` s called as ``f(lower, upper)`` whose parameters are
+reachable through ``.parameters()``; they must not modify their inputs in place (checked: an
+in-place change raises instead of silently corrupting the reconstruction). Tensors that require
+grad but are neither inputs nor parameters of the level functions (closures) get no gradient.
+Backward is once-differentiable (no double backward); autocast state is not replayed.
+
+The modules built on it (:class:`~gradkit.nn.reversible.ReversibleBlock`,
+:class:`~gradkit.nn.reversible.ReversibleSequential`, the RevCol columns) are in :mod:`gradkit.nn`.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = ["ReversibleStep", "MultiLevelReversibleFunction", "run_steps", "invert_steps", "collect_params",
+           "bn_state_guard"]
+
+
+@dataclass
+class ReversibleStep:
+    """One reversible update: level functions ``fns[k](lower, upper)`` and per-level ``alphas``.
+
+    ``alphas=None`` marks a *first* step that has no previous states (RevCol's first column): it
+    computes ``c_k = f_k(lower, upper=None)`` and is not inverted (its inputs are the external ``x``).
+    An alpha is a float or a tensor broadcastable to its state (e.g. shape ``(1, C, 1, 1)``).
+    """
+
+    fns: Sequence[nn.Module]
+    alphas: Sequence[Tensor | float] | None
+
+    @property
+    def first(self) -> bool:
+        return self.alphas is None
+
+
+# ------------------------------------------------------------------------------ helpers
+@contextlib.contextmanager
+def bn_state_guard(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Restore every BatchNorm's running statistics (and batch counter) of ``modules`` on exit.
+
+    Used around the recomputation in backward so statistics are updated once per forward.
+    """
+    saved = []
+    for mod in modules:
+        for m in mod.modules():
+            if isinstance(m, _BatchNorm) and m.track_running_stats and m.training:
+                saved.append((m, [None if b is None else b.clone() for b in
+                                  (m.running_mean, m.running_var, m.num_batches_tracked)]))
+    try:
+        yield
+    finally:
+        for m, (rm, rv, nb) in saved:
+            for buf, val in ((m.running_mean, rm), (m.running_var, rv), (m.num_batches_tracked, nb)):
+                if buf is not None and val is not None:
+                    buf.copy_(val)
+
+
+def _call_level(fn: nn.Module, lower: Tensor | None, upper: Tensor | None, where: str) -> Tensor:
+    """Call ``fn(lower, upper)`` and raise if it changed an input in place."""
+    versions = [t._version if t is not None else None for t in (lower, upper)]
+    out = fn(lower, upper)
+    for name, t, v in zip(("lower", "upper"), (lower, upper), versions):
+        if t is not None and t._version != v:
+            raise RuntimeError(
+                f"{where}: the level function {type(fn).__name__} modified its {name} input in place; "
+                "a reversible block needs its inputs intact to reconstruct them (use inplace=False)")
+    if not isinstance(out, Tensor):
+        raise TypeError(f"{where}: level function {type(fn).__name__} must return a tensor, got "
+                        f"{type(out).__name__}")
+    return out
+
+
+def _check_state(out: Tensor, old: Tensor, where: str) -> None:
+    if out.shape != old.shape:
+        raise ValueError(f"{where}: level function output has shape {tuple(out.shape)} but the state it "
+                         f"updates has shape {tuple(old.shape)}; a reversible update needs equal shapes "
+                         "(mismatched channel split?)")
+
+
+def _alpha_value(a: Tensor | float) -> Tensor | float:
+    return a.detach() if isinstance(a, Tensor) else a
+
+
+def _rng_devices(tensors: Sequence[Tensor | None]) -> list[int]:
+    return sorted({t.device.index or 0 for t in tensors if t is not None and t.device.type == "cuda"})
+
+
+def _capture_rng(devices: list[int]):
+    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+
+
+def _restore_rng(state, devices: list[int]) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    for d, s in zip(devices, cuda):
+        torch.cuda.set_rng_state(s, d)
+
+
+def run_steps(steps: Sequence[ReversibleStep], x: Tensor | None, states: Sequence[Tensor | None],
+              *, rng_log: list | None = None, rng_devices: list[int] | None = None) -> list[Tensor]:
+    """Apply ``steps`` in order with ordinary autograd (the plain, non-reversible path).
+
+    ``states`` are the inputs of the first step (ignored, may be ``None``, when it is a first step).
+    When ``rng_log`` is a list, the RNG state before every level call is appended to it.
+    """
+    cur = list(states)
+    for s, step in enumerate(steps):
+        new: list[Tensor] = []
+        n = len(step.fns)
+        if not step.first and len(cur) != n:
+            raise ValueError(f"step {s} has {n} level functions but receives {len(cur)} states")
+        for k, fn in enumerate(step.fns):
+            lower = x if k == 0 else new[k - 1]
+            upper = None if (step.first or k == n - 1) else cur[k + 1]
+            if rng_log is not None:
+                rng_log.append(_capture_rng(rng_devices or []))
+            out = _call_level(fn, lower, upper, f"step {s}, level {k}")
+            if step.first:
+                new.append(out)
+            else:
+                _check_state(out, cur[k], f"step {s}, level {k}")
+                new.append(out + step.alphas[k] * cur[k])
+        cur = new
+    return cur
+
+
+@torch.no_grad()
+def invert_steps(steps: Sequence[ReversibleStep], x: Tensor | None, outputs: Sequence[Tensor]
+                 ) -> list[Tensor | None]:
+    """Rebuild the inputs of ``steps`` from their outputs (no grad). A first step yields ``None`` s."""
+    cur: list[Tensor | None] = list(outputs)
+    for step in reversed(steps):
+        if step.first:
+            return [None] * len(cur)
+        n = len(step.fns)
+        old: list[Tensor | None] = [None] * n
+        for k in reversed(range(n)):
+            lower = x if k == 0 else cur[k - 1]
+            upper = None if k == n - 1 else old[k + 1]
+            out = step.fns[k](lower, upper)
+            old[k] = (cur[k] - out) / _alpha_value(step.alphas[k])
+        cur = old
+    return cur
+
+
+# ------------------------------------------------------------------------------ the Function
+class MultiLevelReversibleFunction(torch.autograd.Function):
+    """Chain of reversible steps whose backward reconstructs inputs instead of storing them.
+
+    Paper slug ``revcol`` (multi-level reversible unit; ``rev-mbconv`` uses the L = 2 case).
+    Forward (no grad): ``c_k_new = f_k(c_{k-1}_new, c_{k+1}_old) + alpha_k * c_k_old``.
+    Backward, per step, top level first: recompute ``o_k = f_k(...)`` with grad,
+    ``c_k_old = (c_k_new - o_k) / alpha_k``, ``dc_k_old += alpha_k * dc_k_new``,
+    ``dalpha_k = sum(dc_k_new * c_k_old)``, and VJPs of ``o_k`` into lower/upper/parameters.
+    Saved: ``x`` and the last step's outputs only.
+
+    Call through :func:`MultiLevelReversibleFunction.run`::
+
+        outs = MultiLevelReversibleFunction.run(steps, x, states, params)
+    """
+
+    @staticmethod
+    def forward(ctx, steps, n_states, preserve_rng, x, *rest):  # type: ignore[override]
+        states = rest[:n_states]
+        params = rest[n_states:]
+        devices = _rng_devices([x, *states]) if preserve_rng else []
+        rng_log: list | None = [] if preserve_rng else None
+        with torch.no_grad():
+            outs = run_steps(steps, x, states, rng_log=rng_log, rng_devices=devices)
+        # outputs that alias an input (identity level function) must be fresh tensors
+        ins = {t.data_ptr() for t in (x, *states) if t is not None}
+        outs = [o.clone() if o.data_ptr() in ins else o for o in outs]
+        ctx.steps = steps
+        ctx.rng_log = rng_log
+        ctx.devices = devices
+        ctx.n_states = n_states
+        ctx.has_x = x is not None
+        ctx.params = params
+        ctx.save_for_backward(x, *outs)
+        return tuple(outs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grad_outs):  # type: ignore[override]
+        x, *ys = ctx.saved_tensors
+        steps = ctx.steps
+        params = ctx.params
+        pindex = {id(p): i for i, p in enumerate(params)}
+        pgrads: list[Tensor | None] = [None] * len(params)
+        gx: Tensor | None = None
+        g_cur: list[Tensor | None] = list(grad_outs)
+        y_cur: list[Tensor] = [y.detach() for y in ys]
+        x_d = x.detach() if x is not None else None
+        need_x = ctx.has_x and ctx.needs_input_grad[3]
+
+        def acc(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+            if b is None:
+                return a
+            return b if a is None else a + b
+
+        # rng log entries: one per level call, in forward order
+        offsets = []
+        off = 0
+        for st in steps:
+            offsets.append(off)
+            off += len(st.fns)
+
+        rng_ctx = (torch.random.fork_rng(devices=ctx.devices) if ctx.rng_log is not None
+                   else contextlib.nullcontext())
+        with rng_ctx:
+            for s in reversed(range(len(steps))):
+                step = steps[s]
+                n = len(step.fns)
+                old: list[Tensor | None] = [None] * n
+                g_old: list[Tensor | None] = [None] * n
+                g_new = list(g_cur)
+                with bn_state_guard(step.fns):
+                    for k in reversed(range(n)):
+                        fn = step.fns[k]
+                        lower = x_d if k == 0 else y_cur[k - 1]
+                        upper = None if (step.first or k == n - 1) else old[k + 1]
+                        need_lower = lower is not None and (k > 0 or need_x)
+                        lower_leaf = lower.detach().requires_grad_(need_lower) if lower is not None else None
+                        upper_leaf = upper.detach().requires_grad_(True) if upper is not None else None
+                        if ctx.rng_log is not None:
+                            _restore_rng(ctx.rng_log[offsets[s] + k], ctx.devices)
+                        with torch.enable_grad():
+                            out = fn(lower_leaf, upper_leaf)
+                        if not step.first:
+                            a = step.alphas[k]
+                            old[k] = (y_cur[k] - out.detach()) / _alpha_value(a)
+                        g = g_new[k]
+                        if g is None:
+                            g = torch.zeros_like(out)
+                        fparams = [p for p in fn.parameters() if p.requires_grad and id(p) in pindex]
+                        inputs = ([lower_leaf] if need_lower else []) + \
+                                 ([upper_leaf] if upper_leaf is not None else []) + fparams
+                        if out.requires_grad and inputs:
+                            grads = torch.autograd.grad(out, inputs, g, allow_unused=True)
+                        else:
+                            grads = [None] * len(inputs)
+                        i = 0
+                        if need_lower:
+                            if k == 0:
+                                gx = acc(gx, grads[0])
+                            else:
+                                g_new[k - 1] = acc(g_new[k - 1], grads[0])
+                            i = 1
+                        if upper_leaf is not None:
+                            g_old[k + 1] = acc(g_old[k + 1], grads[i])
+                            i += 1
+                        for p, gp in zip(fparams, grads[i:]):
+                            j = pindex[id(p)]
+                            pgrads[j] = acc(pgrads[j], gp)
+                        if not step.first:
+                            a = step.alphas[k]
+                            g_old[k] = acc(g_old[k], g * _alpha_value(a))
+                            if isinstance(a, Tensor) and a.requires_grad and id(a) in pindex:
+                                ga = (g * old[k]).sum_to_size(a.shape)
+                                j = pindex[id(a)]
+                                pgrads[j] = acc(pgrads[j], ga)
+                        del out
+                y_cur = old  # type: ignore[assignment]
+                g_cur = g_old
+        need_states = ctx.needs_input_grad[4:4 + ctx.n_states]
+        g_states = [g if need else None for g, need in zip(g_cur, need_states)] \
+            if not steps[0].first else [None] * ctx.n_states
+        return (None, None, None, gx if need_x else None, *g_states, *pgrads)
+
+    @staticmethod
+    def run(steps: Sequence[ReversibleStep], x: Tensor | None, states: Sequence[Tensor | None],
+            params: Sequence[Tensor] | None = None, *, preserve_rng: bool = True) -> tuple[Tensor, ...]:
+        """Apply the chain; ``params`` defaults to every parameter of the level functions and alphas."""
+        if not steps:
+            raise ValueError("steps must contain at least one ReversibleStep")
+        for i, st in enumerate(steps):
+            if not isinstance(st, ReversibleStep):
+                raise TypeError(f"steps[{i}] must be a ReversibleStep, got {type(st).__name__}")
+            if i > 0 and st.first:
+                raise ValueError(f"steps[{i}] has alphas=None (a first step); only steps[0] may be a first step")
+        if params is None:
+            params = collect_params(steps)
+        return MultiLevelReversibleFunction.apply(list(steps), len(states), bool(preserve_rng), x,
+                                                  *states, *params)
+
+
+def collect_params(steps: Sequence[ReversibleStep]) -> list[Tensor]:
+    """Distinct parameters of every level function and every tensor alpha of ``steps``."""
+    seen: set[int] = set()
+    out: list[Tensor] = []
+    for st in steps:
+        cands = [p for f in st.fns for p in f.parameters()]
+        cands += [a for a in (st.alphas or []) if isinstance(a, Tensor)]
+        for p in cands:
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out

@@ -1,0 +1,162 @@
+"""Benchmarks: per-step cost of a component as a ratio to plain PyTorch, measured in one process.
+
+Baseline and candidate steps are interleaved (A, B, A, B, ...) so that drifts in machine load hit
+both alike; the ratio is of the medians. A benchmark module registers a :class:`Benchmark` whose
+``run(repeats)`` returns a :class:`BenchResult`.
+
+Clocks: ``"wall"`` (default, ``time.perf_counter``) or ``"cpu"`` (``time.process_time``: CPU seconds of
+this process, all its threads). On a machine shared with other jobs, wall time counts the time a step
+waits for a core; CPU time does not, so ``gradkit bench --clock cpu`` gives steadier ratios there (it
+also ignores time a step spends idle, e.g. waiting on I/O or other processes).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..registry import Registry
+
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = ["wall"]
+
+
+def set_clock(name: str) -> str:
+    """Select the clock :func:`compare_steps` uses by default (``"wall"`` or ``"cpu"``); returns the old one."""
+    if name not in CLOCKS:
+        raise ValueError(f"clock must be one of {tuple(CLOCKS)}, got {name!r}")
+    old, _clock[0] = _clock[0], name
+    return old
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """Measured medians (seconds per step) and their ratio candidate / baseline."""
+
+    baseline_s: float
+    candidate_s: float
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return self.candidate_s / self.baseline_s if self.baseline_s > 0 else float("inf")
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """name: unique id; slug: the paper; target: the ratio to stay at or under (None: report only)."""
+
+    name: str
+    slug: str
+    description: str
+    run: Callable[[int], BenchResult]
+    target: float | None = None
+    baseline: str = "plain PyTorch"
+
+
+BENCHMARKS: Registry[Benchmark] = Registry("benchmark")
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+               y: torch.Tensor) -> Callable[[], None]:
+    """A step function for :func:`compare_steps`: cross-entropy forward, backward, optimizer step."""
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    return step
+
+
+def forward_saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Bytes autograd saves for backward during one forward of ``model`` on ``x``."""
+    from ..testing import SavedBytesMeter
+
+    with SavedBytesMeter() as meter:
+        out = model(x)
+    del out
+    return meter.bytes
+
+
+def register_benchmark(b: Benchmark) -> Benchmark:
+    return BENCHMARKS.add(b.name, b)
+
+
+def compare_steps(
+    baseline: Callable[[], object],
+    candidate: Callable[[], object],
+    *,
+    repeats: int = 30,
+    warmup: int = 5,
+    inner: int = 1,
+    clock: str | None = None,
+) -> BenchResult:
+    """Time two step functions interleaved; return the medians of ``repeats`` timings.
+
+    Each timing covers ``inner`` consecutive calls (use it for very short steps). ``clock``: ``"wall"`` or
+    ``"cpu"`` (default: the one chosen with :func:`set_clock`, initially wall).
+    """
+    if repeats < 1 or warmup < 0 or inner < 1:
+        raise ValueError(f"repeats and inner must be >= 1 and warmup >= 0, got {repeats}, {inner}, {warmup}")
+    name = _clock[0] if clock is None else clock
+    if name not in CLOCKS:
+        raise ValueError(f"clock must be one of {tuple(CLOCKS)}, got {name!r}")
+    now = CLOCKS[name]
+    for _ in range(warmup):
+        baseline()
+        candidate()
+    tb: list[float] = []
+    tc: list[float] = []
+    for i in range(repeats):
+        pair = ((baseline, tb), (candidate, tc)) if i % 2 == 0 else ((candidate, tc), (baseline, tb))
+        for fn, sink in pair:
+            t0 = now()
+            for _ in range(inner):
+                fn()
+            sink.append((now() - t0) / inner)
+    return BenchResult(statistics.median(tb), statistics.median(tc))
+
+
+_loaded = False
+
+
+def load_benchmarks() -> None:
+    """Import every module of ``gradkit.harness.benchmarks`` (each registers its benchmarks)."""
+    global _loaded
+    if _loaded:
+        return
+    import importlib
+    import pkgutil
+
+    from . import benchmarks
+
+    for m in sorted(pkgutil.iter_modules(benchmarks.__path__), key=lambda m: m.name):
+        importlib.import_module(f"gradkit.harness.benchmarks.{m.name}")
+    _loaded = True
+
+
+def run_benchmarks(names: list[str] | None = None, repeats: int = 30, threads: int | None = 2,
+                   clock: str = "wall"):
+    """Run the named (default: all) benchmarks; yield ``(Benchmark, BenchResult)`` pairs.
+
+    ``clock`` (``"wall"`` or ``"cpu"``) is the default clock of :func:`compare_steps` meanwhile; each
+    result's ``extra["clock"]`` records it.
+    """
+    load_benchmarks()
+    chosen = names or BENCHMARKS.names()
+    benches = [BENCHMARKS.get(n) for n in chosen]
+    old = torch.get_num_threads()
+    old_clock = set_clock(clock)
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        for b in benches:
+            r = b.run(repeats)
+            yield b, BenchResult(r.baseline_s, r.candidate_s, {**r.extra, "clock": clock})
+    finally:
+        torch.set_num_threads(old)
+        set_clock(old_clock)

@@ -1,0 +1,463 @@
+"""The ``gradkit`` command: list, show, run, reproduce, report, bench.
+
+Exit status: 0 when every claim run holds, 1 when any fails its criterion (or crashes),
+2 for usage or data errors (unknown slug, bad scale or seeds, unusable database, missing data).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Sequence
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """A user error reported on one line with exit status 2."""
+
+
+def _err(msg: str) -> None:
+    print(f"gradkit: error: {msg}", file=sys.stderr)
+
+
+def _bar_factory(enabled: bool | None):
+    from tqdm.auto import tqdm
+
+    def make(total: int | None = None, desc: str = ""):
+        return tqdm(total=total, desc=desc, leave=False, disable=(not enabled) if enabled is not None else None,
+                    dynamic_ncols=True, file=sys.stderr)
+
+    return make
+
+
+def _fmt_ms(mu: float, sd: float) -> str:
+    if not math.isfinite(mu):
+        return "nan"
+    return f"{mu:.4g} ± {sd:.2g}"
+
+
+def _store(args, must_exist: bool = False):
+    from .results import ResultStore, default_db_path
+
+    if must_exist:
+        path = Path(args.db) if args.db else default_db_path()
+        if not path.is_file():
+            raise UsageError(f"results database {path} does not exist (run `gradkit run` or "
+                             f"`gradkit reproduce` first, or pass --db)")
+    return ResultStore(args.db)
+
+
+def _out_dir(text: str) -> Path:
+    """A usable output folder for the report, created if missing; UsageError on one line otherwise."""
+    out = Path(text).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {text}: exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {text}: cannot create the folder ({e.strerror})") from None
+    if not os.access(out, os.W_OK):
+        raise UsageError(f"--out {text}: folder is not writable")
+    return out
+
+
+def summary_line(summaries, scale: str | None = None, crashed: int = 0) -> str:
+    """'k of n claims hold at quick scale (f FAIL, i INCONCLUSIVE)': one line for the run or the store."""
+    n = len(summaries) + crashed
+    k = sum(s.verdict.verdict == "PASS" for s in summaries)
+    f = sum(s.verdict.verdict == "FAIL" for s in summaries)
+    i = sum(s.verdict.verdict == "INCONCLUSIVE" for s in summaries)
+    scales = sorted({s.scale for s in summaries}) or ([scale] if scale else [])
+    where = f" at {'/'.join(scales)} scale" if scales else ""
+    parts = [f"{f} FAIL", f"{i} INCONCLUSIVE"] + ([f"{crashed} crashed"] if crashed else [])
+    return f"{k} of {n} claim results hold{where} ({', '.join(parts)})"
+
+
+def _claims(slugs: Sequence[str]):
+    """The named claims; only their own modules are imported (every module for an unknown name)."""
+    from .claims import CLAIMS, get_claim
+
+    out = []
+    for s in slugs:
+        try:
+            out.append(get_claim(s))
+        except KeyError:
+            raise UsageError(f"unknown claim {s!r}; known: {', '.join(CLAIMS.names())}") from None
+    return out
+
+
+def _data_root(args) -> Path | None:
+    if args.data_root is None:
+        return None
+    p = Path(args.data_root).expanduser()
+    if not p.is_dir():
+        raise UsageError(f"--data-root {args.data_root}: not a folder")
+    return p
+
+
+def _device(args):
+    from ..engine import resolve_device
+
+    try:
+        return resolve_device(args.device)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _print_table(summaries, file=sys.stdout) -> None:
+    rows = [("claim", "scale", "data", "ours", "baseline", "metric", "seeds", "verdict", "time")]
+    for s in summaries:
+        c, p = s.claim, s.primary
+        rows.append((c.slug + (f" [set {s.overrides}]" if s.overrides else ""), s.scale, s.data,
+                     _fmt_ms(*s.stat(p.ours, p.metric)), _fmt_ms(*s.stat(p.baseline, p.metric)),
+                     f"{p.metric} ({p.ours} vs {p.baseline})",
+                     str(len(s.seeds)), s.verdict.verdict, f"{s.duration_s:.0f}s"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for i, r in enumerate(rows):
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip(), file=file)
+        if i == 0:
+            print("  ".join("-" * w for w in widths), file=file)
+    for s in summaries:
+        for k in s.checks:
+            print(f"  [{s.claim.slug}] {'ok  ' if k.passed else 'FAIL'} {k.description}: {k.detail}", file=file)
+        print(f"  [{s.claim.slug}] {s.verdict.verdict}: {s.verdict.reason}", file=file)
+
+
+def _run_many(args, claims, *, resume: bool) -> int:
+    from ..data import DataError
+    from .suite import parse_seeds, run_claim
+
+    store = _store(args)
+    device = _device(args)
+    root = _data_root(args)
+    if args.scale is None:
+        args.scale = "quick"
+    try:
+        seed_lists = [parse_seeds(args.seeds, c.default_seeds) for c in claims]
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    overrides = _overrides(args, claims, root)
+    if getattr(args, "report_dir", None):
+        _out_dir(args.report_dir)  # a bad folder fails before hours of runs, not after
+    if root is not None:
+        for c in claims:
+            if c.variant_for(args.scale, root) is None:
+                print(f"gradkit: warning: --data-root does not apply to {c.slug} at scale {args.scale}; "
+                      f"it runs on its bundled data ({c.data})", file=sys.stderr)
+    show = None if args.progress is None else args.progress
+    bars = _bar_factory(show)
+    total = sum(len(s) for s in seed_lists)
+    suite_bar = bars(total=total, desc="claims")
+    summaries, crashed = [], []
+    quiet = args.json
+    try:
+        for claim, seeds in zip(claims, seed_lists):
+            def on_seed(rec, reused, _c=claim):
+                suite_bar.update(1)
+                if not quiet:
+                    tag = "stored" if reused else f"{rec.duration_s:.1f}s"
+                    m = rec.metrics
+                    p = _c.primary
+                    ours = m.get(p.ours, {}).get(p.metric, float("nan"))
+                    base = m.get(p.baseline, {}).get(p.metric, float("nan"))
+                    suite_bar.write(f"{_c.slug} [{args.scale}, seed {rec.seed}, {rec.data}] "
+                                    f"{p.metric}: {p.ours} {ours:.4g} vs {p.baseline} {base:.4g} ({tag})",
+                                    file=sys.stderr)
+            suite_bar.set_description(claim.slug)
+            try:
+                summaries.append(run_claim(claim, scale=args.scale, seeds=seeds, device=device, data_root=root,
+                                           store=store, resume=resume, progress=bars, on_seed=on_seed,
+                                           overrides=overrides.get(claim.slug)))
+            except DataError:
+                raise
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # a crashing claim is reported and the suite goes on
+                crashed.append((claim.slug, e))
+                _err(f"claim {claim.slug!r} crashed: {type(e).__name__}: {e}")
+                if args.verbose:
+                    traceback.print_exc()
+    finally:
+        suite_bar.close()
+    line = summary_line(summaries, args.scale, len(crashed))
+    report_dir = getattr(args, "report_dir", None)
+    if report_dir:
+        from .report import write_report
+
+        write_report(store, _out_dir(report_dir))
+    if args.json:
+        print(json.dumps({"claims": [s.to_json() for s in summaries],
+                          "crashed": [{"slug": s, "error": f"{type(e).__name__}: {e}"} for s, e in crashed],
+                          "summary": line}, indent=2))
+    else:
+        if summaries:
+            _print_table(summaries)
+        print(f"results stored in {store.path}")
+        if report_dir:
+            print(f"report written to {Path(report_dir) / 'report.html'}")
+        print(line)
+    return EXIT_OK if (not crashed and all(s.passed for s in summaries)) else EXIT_FAIL  # INCONCLUSIVE fails
+
+
+def _overrides(args, claims, root) -> dict[str, dict]:
+    """``--set field=value`` per claim, checked against each claim's protocol (one-line errors)."""
+    from .protocol import ProtocolError, parse_overrides
+
+    items = getattr(args, "set", None) or []
+    if not items:
+        return {}
+    out = {}
+    for c in claims:
+        proto = c.resolve(c.variant_for(args.scale, root)).protocol
+        try:
+            out[c.slug] = parse_overrides(proto, items)
+        except ProtocolError as e:
+            raise UsageError(f"{c.slug}: {e}") from None
+    return out
+
+
+def cmd_list(args) -> int:
+    from .claims import CLAIMS, load_claims
+
+    load_claims()
+    if args.json:
+        print(json.dumps([{"slug": c.slug, "title": c.title, "arxiv": c.arxiv, "statement": c.statement,
+                           "real_data": c.real_data, "default_seeds": c.default_seeds}
+                          for _, c in CLAIMS.items()], indent=2))
+        return EXIT_OK
+    w = max((len(n) for n in CLAIMS.names()), default=4)
+    for slug, c in CLAIMS.items():
+        print(f"{slug.ljust(w)}  arXiv:{c.arxiv:<11} {c.title}")
+    return EXIT_OK
+
+
+def cmd_show(args) -> int:
+    from .protocol import protocol_table
+
+    (c,) = _claims([args.slug])
+    r = c.resolve(None)
+    info = {
+        "slug": c.slug, "title": c.title, "arxiv": c.arxiv, "statement": c.statement,
+        "paper_figure": c.paper_figure, "criterion": c.criterion.describe(),
+        "control": ", ".join(f"{b} in place of {a}" for a, b in r.control.items())
+                   + (f" ({c.control_note})" if c.control_note else ""),
+        "primary": f"{c.primary.metric}: {c.primary.ours} vs {c.primary.baseline}",
+        "arms": list(c.arms), "data": c.data,
+        "variants": {v.name: f"{v.description}; scales {', '.join(v.scales)}; criterion "
+                             f"{(v.criterion or c.criterion).describe()}" for v in c.variants},
+        "default_seeds": c.default_seeds, "version": c.version,
+        "uses": list(c.uses), "notes": c.notes,
+    }
+    tables = {"bundled": protocol_table(c.protocol)}
+    for v in c.variants:
+        tables[v.name] = protocol_table(v.protocol or c.protocol)
+        if v.overrides:
+            tables[v.name] = [(f, t, *[repr(v.overrides[f]) if f in v.overrides else x for x in vals])
+                              for f, t, *vals in tables[v.name]]
+    if args.json:
+        info["protocol"] = {name: {f: {"type": t, "smoke": a, "quick": b, "full": d} for f, t, a, b, d in rows}
+                            for name, rows in tables.items()}
+        print(json.dumps(info, indent=2))
+        return EXIT_OK
+    for k, v in info.items():
+        if isinstance(v, list):
+            v = ", ".join(v) or "-"
+        if isinstance(v, dict):
+            v = "; ".join(f"{a}: {b}" for a, b in v.items()) or "-"
+        print(f"{k + ':':<15} {v}")
+    for name, rows in tables.items():
+        print(f"\nprotocol ({name}; change a field with --set FIELD=VALUE):")
+        head = ("field", "type", "smoke", "quick", "full")
+        w = [max(len(str(r[i])) for r in [head, *rows]) for i in range(5)]
+        for row in [head, *rows]:
+            print("  " + "  ".join(str(x).ljust(n) for x, n in zip(row, w)).rstrip())
+    return EXIT_OK
+
+
+def cmd_run(args) -> int:
+    return _run_many(args, _claims(args.slugs), resume=args.resume)
+
+
+def cmd_reproduce(args) -> int:
+    from .claims import CLAIMS, load_claims
+
+    if not args.only:
+        load_claims()
+    claims = _claims(args.only or CLAIMS.names())
+    return _run_many(args, claims, resume=not args.fresh)
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    store = _store(args, must_exist=True)
+    out = _out_dir(args.out)
+    paths = write_report(store, out, scales=args.scale)
+    for p in paths:
+        print(p)
+    return EXIT_OK
+
+
+README_MARK = ("<!-- gradkit:summary -->", "<!-- /gradkit:summary -->")
+
+
+def cmd_summary(args) -> int:
+    """The one-line count of holding claims, from the database; optionally written into a README."""
+    from .report import collect
+
+    store = _store(args, must_exist=True)
+    summaries = [s for s in collect(store, [args.scale]) if not s.overrides]
+    line = summary_line(summaries, args.scale)
+    if args.readme:
+        path = Path(args.readme)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise UsageError(f"--readme {args.readme}: {e.strerror}") from None
+        a, b = README_MARK
+        if a not in text or b not in text:
+            raise UsageError(f"--readme {args.readme}: no {a} ... {b} block to fill")
+        head, rest = text.split(a, 1)
+        _, tail = rest.split(b, 1)
+        path.write_text(f"{head}{a}{line}{b}{tail}", encoding="utf-8")
+    print(line)
+    return EXIT_OK
+
+
+def cmd_bench(args) -> int:
+    from .bench import BENCHMARKS, load_benchmarks, run_benchmarks
+    from .results import BenchRecord, environment_versions, git_revision
+
+    load_benchmarks()
+    for n in args.names:
+        if n not in BENCHMARKS:
+            raise UsageError(f"unknown benchmark {n!r}; known: {', '.join(BENCHMARKS.names())}")
+    if args.repeats < 3:
+        raise UsageError(f"--repeats must be >= 3, got {args.repeats}")
+    store = _store(args)
+    out = []
+    for b, r in run_benchmarks(args.names or None, repeats=args.repeats, clock=args.clock):
+        passed = None if b.target is None else bool(r.ratio <= b.target)
+        rec = BenchRecord(name=b.name, slug=b.slug, description=b.description, baseline=b.baseline,
+                          baseline_s=r.baseline_s, candidate_s=r.candidate_s, ratio=r.ratio, target=b.target,
+                          passed=passed, repeats=args.repeats, extra=r.extra, versions=environment_versions(),
+                          git_rev=git_revision())
+        store.add_bench(rec)
+        out.append(rec)
+        if not args.json:
+            tgt = f"<= {b.target:.2f}x" if b.target is not None else "report"
+            verdict = "-" if passed is None else ("PASS" if passed else "FAIL")
+            print(f"{b.name:<28} {r.ratio:6.3f}x  (target {tgt}, {verdict})  "
+                  f"{b.baseline}: {r.baseline_s * 1e3:.3f} ms, ours: {r.candidate_s * 1e3:.3f} ms  [{b.slug}]",
+                  flush=True)
+            if r.extra:  # e.g. saved-bytes ratios and the settings measured
+                print("    " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                         for k, v in r.extra.items()), flush=True)
+    if args.json:
+        print(json.dumps([{"name": o.name, "slug": o.slug, "ratio": o.ratio, "target": o.target,
+                           "passed": o.passed, "baseline_ms": o.baseline_s * 1e3, "ours_ms": o.candidate_s * 1e3,
+                           **o.extra} for o in out], indent=2))
+    return EXIT_OK if all(o.passed is not False for o in out) else EXIT_FAIL
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    p = argparse.ArgumentParser(prog="gradkit", description="Gradient techniques from papers, with reproduced claims.")
+    p.add_argument("--version", action="version", version=f"gradkit {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(sp, runs: bool = False):
+        sp.add_argument("--db", default=None, help="results database (default: $GRADKIT_DB or the user data dir)")
+        sp.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+        if runs:
+            sp.add_argument("--scale", choices=("smoke", "quick", "full"), default="quick",
+                            help="experiment scale (default: quick)")
+            sp.add_argument("--seeds", default=None,
+                            help="a count (3 -> seeds 0,1,2) or a list (11,12,13); default: the claim's own count")
+            sp.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+            sp.add_argument("--data-root", default=None, metavar="DIR",
+                            help="folder with the papers' real data sets (MNIST, MNIST-M, USPS, ...)")
+            g = sp.add_mutually_exclusive_group()
+            g.add_argument("--progress", dest="progress", action="store_true", default=None,
+                           help="always show progress bars (default: only on a terminal)")
+            g.add_argument("--no-progress", dest="progress", action="store_false")
+            sp.add_argument("-v", "--verbose", action="store_true", help="print tracebacks of crashing claims")
+            sp.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                            help="override a protocol field (repeatable; see `gradkit show SLUG`); such runs "
+                                 "are stored apart from the defaults")
+
+    sp = sub.add_parser("list", help="list the registered claims")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_list)
+
+    sp = sub.add_parser("show", help="show one claim: paper, figure, criterion, components")
+    sp.add_argument("slug")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_show)
+
+    sp = sub.add_parser("run", help="run claims (ours and baselines, several seeds) and print verdicts")
+    sp.add_argument("slugs", nargs="+", metavar="SLUG")
+    common(sp, runs=True)
+    sp.add_argument("--resume", action="store_true", help="reuse seeds already stored instead of rerunning them")
+    sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser("reproduce", help="run every claim, resuming what is already stored")
+    common(sp, runs=True)
+    sp.add_argument("--only", nargs="+", metavar="SLUG", help="restrict to these claims")
+    sp.add_argument("--fresh", action="store_true", help="rerun seeds even if they are stored")
+    sp.add_argument("--report-dir", default="gradkit-report", metavar="DIR",
+                    help="write the report here when done (default: ./gradkit-report; '' to skip)")
+    sp.set_defaults(func=cmd_reproduce)
+
+    sp = sub.add_parser("report", help="write the reproduction report (markdown, HTML, plots) from the database")
+    sp.add_argument("--db", default=None)
+    sp.add_argument("--out", default="gradkit-report", help="output folder (default: ./gradkit-report)")
+    sp.add_argument("--scale", nargs="+", choices=("smoke", "quick", "full"), default=None,
+                    help="scales to include (default: all stored)")
+    sp.set_defaults(func=cmd_report)
+
+    sp = sub.add_parser("summary", help="one line: how many claims hold, from the database")
+    sp.add_argument("--db", default=None)
+    sp.add_argument("--scale", choices=("smoke", "quick", "full"), default="quick")
+    sp.add_argument("--readme", default=None, metavar="FILE",
+                    help="also write the line into FILE between <!-- gradkit:summary --> markers")
+    sp.set_defaults(func=cmd_summary)
+
+    sp = sub.add_parser("bench", help="time components against plain PyTorch (ratios, one process)")
+    sp.add_argument("names", nargs="*", metavar="NAME")
+    sp.add_argument("--repeats", type=int, default=30, help="timed repetitions per side (default 30)")
+    sp.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall time (default) or CPU time of the process (steadier on a shared machine)")
+    sp.add_argument("--db", default=None)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # OpenMP threads that spin while waiting make small models 10-50x slower when another
+    # process shares the cores; passive waiting costs nothing measurable when they are idle.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from ..data import DataError
+    from .results import StoreError
+
+    try:
+        return args.func(args)
+    except (UsageError, StoreError, DataError) as e:
+        _err(str(e))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        _err("interrupted; finished runs are stored (rerun `gradkit reproduce` to resume)")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
