@@ -14,8 +14,9 @@ from .base import (CLAIMS, SCALES, ArmContext, ArmResult, Claim, Primary, RunCon
                    register)
 from .criteria import (AllFinite, AllOf, AtLeast, AtLeastKOf, AtMost, Below, Check, Compare, Criterion, Drop, Gain,
                        Monotonic, Within)
+from .tuning import Tuned, holdout, tune
 
-_NOT_CLAIMS = {"base", "criteria"}
+_NOT_CLAIMS = {"base", "criteria", "tuning"}
 
 _loaded = False
 
@@ -60,4 +61,5 @@ __all__ = [
     "CLAIMS", "SCALES", "Claim", "Primary", "RunContext", "RunOutput", "ArmContext", "ArmResult", "Variant",
     "Protocol", "scaled", "execute", "register", "load_claims", "get_claim", "Criterion", "Check", "Compare",
     "Within", "Gain", "Drop", "Below", "AtLeast", "AtMost", "Monotonic", "AllFinite", "AllOf", "AtLeastKOf",
+    "tune", "Tuned", "holdout",
 ]

@@ -1,0 +1,1 @@
+"""Learned and classical solvers whose gradients train or flow through them."""
