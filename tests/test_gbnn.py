@@ -345,7 +345,7 @@ def test_cuda_fit_and_merge():
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("kw, exc, match", [
     (dict(in_dim=0), ValueError, "in_dim must be a positive int, got 0"),
-    (dict(out_dim=2.0), ValueError, "out_dim must be a positive int, got 2.0"),
+    (dict(out_dim=2.0), ValueError, "out_dim must be a positive int, got float 2.0"),
     (dict(task="ranking"), ValueError, "task must be one of"),
     (dict(task="binary", out_dim=3), ValueError, "out_dim must be 2 .* for task='binary', got 3"),
     (dict(task="multiclass", out_dim=1), ValueError, "out_dim must be >= 2"),

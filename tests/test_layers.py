@@ -37,12 +37,7 @@ FUNCTION_BASES = {"torch.autograd.Function", "torch.autograd.function.Function",
 
 # (importing module, imported private name) -> why it is still there. Each entry is a file this change could
 # not edit; remove the entry when the import is fixed.
-PRIVATE_IMPORT_EXCEPTIONS: dict[tuple[str, str], str] = {
-    ("gradkit.optim.gradient_noise", "gradkit.functional.noise._check_generator"):
-        "optim/ is being rewritten elsewhere; it should use gradkit._validate.optional_generator",
-    ("gradkit.optim.gradient_noise", "gradkit.functional.noise._dense_grads"):
-        "optim/ is being rewritten elsewhere; it should use gradkit.functional.noise.dense_grads",
-}
+PRIVATE_IMPORT_EXCEPTIONS: dict[tuple[str, str], str] = {}
 # "module.Class" -> why that autograd Function cannot live in gradkit.functional. None today.
 FUNCTION_EXCEPTIONS: dict[str, str] = {}
 

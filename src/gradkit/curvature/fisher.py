@@ -219,6 +219,11 @@ class SlidingFisherInverse:
         self._since_refresh = 0
         self._refactor()
 
+    @property
+    def since_refresh(self) -> int:
+        """Gradients inserted since the inverse was last refactorised from scratch."""
+        return self._since_refresh
+
     # ------------------------------------------------------------------------------ factorisation
     def _a(self) -> Tensor:
         eye = torch.eye(self.m, dtype=torch.float64, device=self.dots.device)

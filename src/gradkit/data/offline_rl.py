@@ -132,7 +132,7 @@ def make_gridworld_dataset(env: GridWorld | None = None, episodes: int = 200, ma
     probability ``expert_fraction``, an ``epsilon``-noisy shortest-path policy (a uniformly random
     action with probability ``epsilon``, else a random one of the shortest-path actions), otherwise
     the uniform random policy; it stops at the goal or after ``max_steps`` steps (a time-out is
-    not a terminal). Paper slug: ``odice`` (the spec's laptop-scale offline RL toy).
+    not a terminal). Paper slug: ``odice`` (a laptop-scale offline RL toy).
 
     Rewards are relabelled ``goal_reward`` on entering the goal and ``step_reward`` otherwise
     (default: the environment's 1 / 0; the official O-DICE code relabels AntMaze's sparse goal

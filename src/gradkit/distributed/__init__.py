@@ -1,7 +1,7 @@
 """Gradient communication across workers: compression (DGC), gradient coding, federated learning glue."""
 from .coded_run import CodedRunResult, coded_gradient_descent
 from .dgc import DGCCompressor, SparseGrad, decode_block16, encode_block16, select_topk, warmup_density
-from .dgc_hook import DGCHookError, DGCHookState, dgc_comm_hook
+from .dgc_hook import DGCHookError, DGCHookState, DGCState, dgc_comm_hook, dgc_hook
 from .federated import (ClientData, FedAvgClient, client_accuracies, clip_and_noise, dirichlet_split, dp_fedavg_round,
                         fedavg_round, fedavg_shared_state, hyperfl_round, local_train_fedavg, local_train_hyperfl,
                         weighted_average)
@@ -16,7 +16,7 @@ from .stragglers import GridResult, SimulationResult, grid_search, round_outcome
 
 __all__ = ["run_workers", "WorkerError",
            "DGCCompressor", "SparseGrad", "warmup_density", "select_topk", "encode_block16", "decode_block16",
-           "DGCHookState", "dgc_comm_hook", "DGCHookError", "DataParallelSimulator", "Aggregator", "MeanAggregator",
+           "DGCHookState", "dgc_comm_hook", "DGCHookError", "DGCState", "dgc_hook", "DataParallelSimulator", "Aggregator", "MeanAggregator",
            "CompressorAggregator", "shard",
            "ClientData", "dirichlet_split", "FedAvgClient", "fedavg_shared_state", "weighted_average",
            "local_train_fedavg", "local_train_hyperfl", "fedavg_round", "dp_fedavg_round", "hyperfl_round",

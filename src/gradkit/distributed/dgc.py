@@ -33,7 +33,7 @@ from typing import Any, Hashable, Iterable, Sequence
 
 import torch
 
-from .._validate import ArgumentError, real_scalar
+from .._validate import ArgumentError, is_int, nonneg_int, positive_int, real_scalar
 
 __all__ = ["SparseGrad", "DGCCompressor", "warmup_density", "select_topk", "encode_block16", "decode_block16",
            "WARMUPS", "INDEX_CODINGS"]
@@ -123,8 +123,7 @@ def _check_warmup(warmup: Any) -> Any:
         kind, epochs = warmup
         if kind not in WARMUPS:
             raise ValueError(f"warmup kind must be one of {WARMUPS}, got {kind!r}")
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-            raise ValueError(f"warmup epochs must be a non-negative int, got {epochs!r}")
+        epochs = nonneg_int("warmup epochs", epochs)
         return (kind, epochs)
     if isinstance(warmup, (tuple, list)):
         return tuple(_check_density(f"warmup[{i}]", d) for i, d in enumerate(warmup))
@@ -228,7 +227,7 @@ def select_topk(x: torch.Tensor, k: int, sample_ratio: float | None = None,
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
     n = x.numel()
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+    if not is_int(k, low=1, high=n):
         raise ValueError(f"k must be an int in [1, {n}] (numel of x), got {k!r}")
     if work is not None:
         a = torch.abs(x.detach().reshape(-1), out=work[0])
@@ -312,14 +311,10 @@ class DGCCompressor:
             if clip_norm <= 0:
                 raise ArgumentError(f"clip_norm must be > 0 or None, got {clip_norm!r}")
         self.clip_norm = clip_norm
-        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-            raise ValueError(f"world_size must be a positive int, got {world_size!r}")
-        self.world_size = world_size
+        self.world_size = positive_int("world_size", world_size)
         self.momentum_masking = bool(momentum_masking)
         self.warmup = _check_warmup(warmup)
-        if isinstance(min_dim, bool) or not isinstance(min_dim, int) or min_dim < 0:
-            raise ValueError(f"min_dim must be a non-negative int, got {min_dim!r}")
-        self.min_dim = min_dim
+        self.min_dim = nonneg_int("min_dim", min_dim)
         if sample_ratio is not None:
             sample_ratio = real_scalar("sample_ratio", sample_ratio, tensor_ok=False)
             if not 0.0 < sample_ratio <= 1.0:

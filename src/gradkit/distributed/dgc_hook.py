@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .._validate import nonneg_int
 from .dgc import DGCCompressor, SparseGrad
 
 __all__ = ["DGCState", "dgc_hook", "DGCHookError", "DGCHookState", "dgc_comm_hook"]
@@ -102,8 +103,7 @@ class DGCState:
                             "(or the module it wraps), e.g. DGCState(compressor, module=ddp_model)")
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
-        if isinstance(validate_every, bool) or not isinstance(validate_every, int) or validate_every < 0:
-            raise ValueError(f"validate_every must be a non-negative int, got {validate_every!r}")
+        validate_every = nonneg_int("validate_every", validate_every)
         self.compressor = compressor
         self.process_group = process_group
         self.validate_every = validate_every
@@ -188,8 +188,7 @@ class DGCState:
                     raise ValueError(f"state for parameter {key!r} ({part}): expected shape {tuple(p.shape)}, got "
                                      f"{tuple(t.shape)}")
         iteration = state["iteration"]
-        if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
-            raise ValueError(f"state_dict['iteration'] must be a non-negative int, got {iteration!r}")
+        iteration = nonneg_int("state_dict['iteration']", iteration)
         self.compressor.load_state_dict(comp)
         self.iteration = iteration
         self.bytes_overhead = int(state.get("bytes_overhead", 0))

@@ -87,7 +87,7 @@ class SimulationResult:
     load: float
     T: int
 
-    def __iter__(self):  # ``total, waits = simulate_runtime(...)`` as in the spec's sketch
+    def __iter__(self):  # ``total, waits = simulate_runtime(...)`` unpacks it
         return iter((self.total_time, self.full_waits))
 
 

@@ -69,9 +69,3 @@ def add_gradient_noise(
     for g in grads:
         g.add_(_noise_like(g, generator), alpha=s)
 
-
-# The names gradkit.optim.gradient_noise imported before these helpers were public; it is being edited
-# elsewhere and should import gradkit._validate.optional_generator and dense_grads instead, after which
-# these two aliases go.
-_check_generator = optional_generator
-_dense_grads = dense_grads

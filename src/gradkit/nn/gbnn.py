@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from .._validate import real_scalar
+from .._validate import integer, is_int, nonneg_int, positive_int, real_scalar
 from ..data.batches import TensorBatches
 from ..engine import fit as _engine_fit
 from ..engine import null_progress
@@ -50,12 +50,6 @@ def _linear(n_in: int, n_out: int, like: Tensor) -> nn.Linear:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
         return nn.Linear(n_in, n_out, device=like.device, dtype=like.dtype)
-
-
-def _pos_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def _float_2d(name: str, x: Any) -> Tensor:
@@ -200,9 +194,8 @@ def one_hidden_mlp(in_dim: int, hidden: int, out_dim: int, activation: str = "si
     >>> net(torch.randn(4, 30)).shape
     torch.Size([4, 1])
     """
-    in_dim, out_dim = _pos_int("in_dim", in_dim), _pos_int("out_dim", out_dim)
-    if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 0:
-        raise ValueError(f"hidden must be a non-negative int, got {hidden!r}")
+    in_dim, out_dim = positive_int("in_dim", in_dim), positive_int("out_dim", out_dim)
+    hidden = nonneg_int("hidden", hidden)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -228,7 +221,7 @@ def l2_weight_penalty(model: nn.Module, alpha: float, n_samples: int) -> Tensor:
     >>> loss = net(torch.randn(32, 4)).pow(2).mean() / 2 + pen
     """
     alpha = real_scalar("alpha", alpha, nonneg=True)
-    n_samples = _pos_int("n_samples", n_samples)
+    n_samples = positive_int("n_samples", n_samples)
     weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
     if alpha == 0 or not weights:
         return torch.zeros((), device=weights[0].device if weights else None,
@@ -248,7 +241,7 @@ def make_lbfgs(params, max_iter: int = 200) -> torch.optim.LBFGS:
     >>> isinstance(opt, torch.optim.LBFGS)
     True
     """
-    max_iter = _pos_int("max_iter", max_iter)
+    max_iter = positive_int("max_iter", max_iter)
     return torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, max_eval=2 * max_iter, tolerance_grad=0.0,
                              tolerance_change=0.0, history_size=10, line_search_fn="strong_wolfe")
 
@@ -271,7 +264,7 @@ class BoostedMLP(nn.Sequential):
                  init_bias: Tensor, units_per_step: int, feature_extractor: nn.Module | None = None) -> None:
         mods = ([feature_extractor] if feature_extractor is not None else []) + [hidden, activation, output]
         super().__init__(*mods)
-        units_per_step = _pos_int("units_per_step", units_per_step)
+        units_per_step = positive_int("units_per_step", units_per_step)
         if step_bias.dim() != 2 or step_bias.shape[1] != output.out_features:
             raise ValueError(f"step_bias must have shape (steps, {output.out_features}), got {tuple(step_bias.shape)}")
         if hidden.out_features != step_bias.shape[0] * units_per_step:
@@ -301,8 +294,7 @@ class BoostedMLP(nn.Sequential):
         equals the booster's staged prediction after ``n_steps`` rounds. The feature extractor, if
         any, is shared, not copied.
         """
-        if isinstance(n_steps, bool) or not isinstance(n_steps, int) or not 0 <= n_steps <= self.n_steps:
-            raise ValueError(f"n_steps must be an int in [0, {self.n_steps}], got {n_steps!r}")
+        n_steps = integer("n_steps", n_steps, low=0, high=self.n_steps)
         u = n_steps * self.units_per_step
         h, o = self.hidden, self.output
         hidden, output = _linear(h.in_features, u, h.weight), _linear(u, o.out_features, h.weight)
@@ -335,7 +327,7 @@ def switch_off_units(model: nn.Sequential, keep: int) -> nn.Sequential:
     if not isinstance(model, nn.Sequential) or len(model) == 0 or not isinstance(model[-1], nn.Linear):
         raise TypeError(f"model must be an nn.Sequential ending in nn.Linear, got {type(model).__name__}")
     n = model[-1].in_features
-    if isinstance(keep, bool) or not isinstance(keep, int) or not 0 <= keep <= n:
+    if not is_int(keep, low=0, high=n):
         raise ValueError(f"keep must be an int in [0, {n}] (the hidden units), got {keep!r}")
     out = copy.deepcopy(model)
     with torch.no_grad():
@@ -366,8 +358,8 @@ class GradientBoostedMLP(nn.Module):
                  weight_decay: float = 1e-4, inner_lr: float = 1e-3, inner_batch_size: int = 200,
                  feature_extractor: nn.Module | None = None) -> None:
         super().__init__()
-        self.in_dim = _pos_int("in_dim", in_dim)
-        self.out_dim = _pos_int("out_dim", out_dim)
+        self.in_dim = positive_int("in_dim", in_dim)
+        self.out_dim = positive_int("out_dim", out_dim)
         if task not in LOSSES:
             raise ValueError(f"task must be one of {sorted(LOSSES)}, got {task!r}")
         if task == "binary" and out_dim != 2:
@@ -377,8 +369,8 @@ class GradientBoostedMLP(nn.Module):
         self.task = task
         self.loss_fn = LOSSES[task]
         self.n_scores = 1 if task == "binary" else out_dim
-        self.total_units = _pos_int("total_units", total_units)
-        self.units_per_step = _pos_int("units_per_step", units_per_step)
+        self.total_units = positive_int("total_units", total_units)
+        self.units_per_step = positive_int("units_per_step", units_per_step)
         if total_units % units_per_step:
             raise ValueError(f"total_units must be a multiple of units_per_step, got {total_units} and "
                              f"{units_per_step}")
@@ -392,7 +384,7 @@ class GradientBoostedMLP(nn.Module):
         if inner_optimizer not in INNER_OPTIMIZERS:
             raise ValueError(f"inner_optimizer must be one of {INNER_OPTIMIZERS}, got {inner_optimizer!r}")
         self.inner_optimizer = inner_optimizer
-        self.inner_iters = _pos_int("inner_iters", inner_iters)
+        self.inner_iters = positive_int("inner_iters", inner_iters)
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         self.activation = activation
@@ -400,7 +392,7 @@ class GradientBoostedMLP(nn.Module):
         self.inner_lr = real_scalar("inner_lr", inner_lr, tensor_ok=False)
         if self.inner_lr <= 0:
             raise ValueError(f"inner_lr must be > 0, got {inner_lr!r}")
-        self.inner_batch_size = _pos_int("inner_batch_size", inner_batch_size)
+        self.inner_batch_size = positive_int("inner_batch_size", inner_batch_size)
         if feature_extractor is not None and not isinstance(feature_extractor, nn.Module):
             raise TypeError(f"feature_extractor must be an nn.Module or None, got {type(feature_extractor).__name__}")
         self.feature_extractor = feature_extractor
@@ -562,7 +554,7 @@ class GradientBoostedMLP(nn.Module):
         T = len(self.learners)
         if n_steps is None:
             return T
-        if isinstance(n_steps, bool) or not isinstance(n_steps, int) or not 0 <= n_steps <= T:
+        if not is_int(n_steps, low=0, high=T):
             raise ValueError(f"n_steps must be None or an int in [0, {T}], got {n_steps!r}")
         return n_steps
 

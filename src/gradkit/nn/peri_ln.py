@@ -22,16 +22,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .._validate import real_scalar
+from .._validate import positive_int, real_scalar
 
 PLACEMENTS = ("post", "pre", "peri", "output_only")
 NORMS = ("layernorm", "rmsnorm")
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def _check_placement(placement: object) -> str:
@@ -49,7 +43,7 @@ def make_norm(norm: str, dim: int, eps: float = 1e-5) -> nn.Module:
     """
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    dim = _positive_int("dim", dim)
+    dim = positive_int("dim", dim)
     eps = real_scalar("eps", eps, tensor_ok=False)
     if eps <= 0:
         raise ValueError(f"eps must be finite and > 0, got {eps!r}")
@@ -78,7 +72,7 @@ class ResidualNormBlock(nn.Module):
         if not isinstance(sublayer, nn.Module):
             raise TypeError(f"sublayer must be an nn.Module, got {type(sublayer).__name__}")
         self.placement = _check_placement(placement)
-        self.dim = _positive_int("dim", dim)
+        self.dim = positive_int("dim", dim)
         self.norm_kind = norm
         make_norm(norm, dim, eps)  # validates norm and eps even for placements that use none here
         self.eps = float(eps)
@@ -103,7 +97,7 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
-        dim, heads = _positive_int("dim", dim), _positive_int("heads", heads)
+        dim, heads = positive_int("dim", dim), positive_int("heads", heads)
         if dim % heads:
             raise ValueError(f"dim must be divisible by heads, got dim={dim}, heads={heads}")
         self.heads = heads
@@ -122,7 +116,7 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, ratio: int = 4) -> None:
         super().__init__()
-        hidden = _positive_int("dim", dim) * _positive_int("mlp_ratio", ratio)
+        hidden = positive_int("dim", dim) * positive_int("mlp_ratio", ratio)
         self.fc = nn.Linear(dim, hidden)
         self.proj = nn.Linear(hidden, dim)
 

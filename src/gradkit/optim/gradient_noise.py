@@ -7,8 +7,8 @@ from typing import Any, Mapping
 
 import torch
 
-from .._validate import param_list
-from ..functional.noise import _check_generator, _dense_grads, add_gradient_noise
+from .._validate import nonneg_int, optional_generator, param_list
+from ..functional.noise import add_gradient_noise, dense_grads
 from ..schedules.noise import annealed_noise_std
 from .transform import GradientTransform, check_state_mapping
 
@@ -72,7 +72,7 @@ class GradientNoise(GradientTransform):
         annealed_noise_std(0, eta, gamma)  # validates eta and gamma (names them in the error)
         self.eta = float(eta)
         self.gamma = float(gamma)
-        _check_generator(generator)
+        optional_generator(generator)
         self.generator = generator
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
@@ -115,7 +115,7 @@ class GradientNoise(GradientTransform):
         ``params=None``: the params given at construction.
         """
         plist = self._resolve_params(params)
-        _dense_grads(plist)  # reject sparse gradients before touching anything
+        dense_grads(plist)  # reject sparse gradients before touching anything
         std = self.std()
         if self.order == "after_clip":
             self._clip(plist)
@@ -147,8 +147,7 @@ class GradientNoise(GradientTransform):
         if "step_count" not in state_dict:
             raise ValueError(f"state_dict must be a mapping with a 'step_count' key, got {state_dict!r}")
         n = state_dict["step_count"]
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"state_dict['step_count'] must be a non-negative int, got {n!r}")
+        n = nonneg_int("state_dict['step_count']", n)
         gs = state_dict.get("generator_state")
         if gs is not None:
             if self.generator is None:

@@ -8,7 +8,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
-from .._validate import real_scalar
+from .._validate import positive_int, real_scalar
 from ..curvature.fisher import SlidingFisherInverse
 
 __all__ = ["MFAC"]
@@ -56,8 +56,7 @@ class MFAC(torch.optim.Optimizer):
         if momentum >= 1:
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
         weight_decay = real_scalar("weight_decay", weight_decay, nonneg=True)
-        if isinstance(ngrads, bool) or not isinstance(ngrads, int) or ngrads < 1:
-            raise ValueError(f"ngrads must be a positive int, got {ngrads!r}")
+        ngrads = positive_int("ngrads", ngrads)
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         for gi, group in enumerate(self.param_groups):
             for k in ("lr", "momentum", "weight_decay"):
@@ -110,7 +109,7 @@ class MFAC(torch.optim.Optimizer):
         the woodbury inverse is rebound at each update, so they are copied after every change.
         """
         f = self.fisher
-        self._mstate.update(slot=f.slot, step=f.count, since_refresh=f._since_refresh,  # noqa: private read
+        self._mstate.update(slot=f.slot, step=f.count, since_refresh=f.since_refresh,
                             grads=f.grads, dots=f.dots, **self._factors())
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

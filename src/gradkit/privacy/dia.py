@@ -193,7 +193,8 @@ def client_gradients(model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable |
     ``generator`` if given, else the global RNG); returns ``(G*, [M*_l])``. The model's modes are restored;
     BatchNorm running statistics, if any, are updated as in a real client step.
     Example:
-    >>> grads, masks = client_gradients(DropoutMLP(64, (32,), 10, p=0.5), torch.rand(1, 64), torch.tensor([3]))
+    >>> model = nn.Sequential(nn.Linear(64, 32), nn.GELU(), MaskableDropout(0.5), nn.Linear(32, 10))
+    >>> grads, masks = client_gradients(model, torch.rand(1, 64), torch.tensor([3]))
     """
     saved = [(m, m.training) for m in model.modules()]
     try:

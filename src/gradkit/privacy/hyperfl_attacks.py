@@ -39,7 +39,7 @@ __all__ = ["HYPERFL_PRESET", "linear_readout", "hyperfl_readout", "first_linear"
            "HyperFLServerView", "hyperfl_inversion", "shared_gradients"]
 
 # Inverting Gradients' settings (cosine over every shared tensor, TV 1e-4, signed Adam lr 0.1, x0.1 steps at
-# 3/8, 5/8, 7/8), 400 iterations as in the spec; used alike by IG on FedAvg, A1 and A2.
+# 3/8, 5/8, 7/8), 400 iterations; used alike by IG on FedAvg, A1 and A2.
 HYPERFL_PRESET = register_preset(dataclasses.replace(PRESETS.get("ig"), name="hyperfl", iters=400,
                                                      model_mode="eval"))
 

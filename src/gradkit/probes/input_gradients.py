@@ -58,7 +58,7 @@ def input_gradient(model: Callable[[Tensor], Tensor], x: Tensor, y=None, target:
     """Input gradient of the loss (``target="loss"``) or of the class logit (``"logit"``) (input-gradients).
 
     A(x) = |d CE(f(x), y) / dx| or |d f(x)[y] / dx|; ``y`` = classes (None: the predicted class).
-    Function form of :class:`InputGradient` (``target`` here names the explained quantity, as in the spec).
+    Function form of :class:`InputGradient` (``target`` here names the explained quantity, as in the paper).
 
     >>> a = input_gradient(model, x, y, target="loss")
     >>> a.shape == x.shape

@@ -7,7 +7,7 @@ Baseline (plain PyTorch): one backward of the true-gradient loss
 target-network forwards, the forward and backward gradients taken separately, the global
 projection and the extra (1 - lam) V term (:class:`gradkit.optim.OrthogonalGradient`), then Adam.
 The O-DICE step does three backward passes instead of one, so a ratio near 2-3 is expected;
-reported, no target (the spec states none).
+reported, no target (the paper states none).
 """
 from __future__ import annotations
 

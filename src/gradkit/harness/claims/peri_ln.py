@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..._validate import real_scalar
+from ..._validate import positive_int, real_scalar
 from ...data.sequences import MarkovLanguage
 from ...engine import fit
 from ...nn.peri_ln import PLACEMENTS as BLOCK_PLACEMENTS
@@ -41,9 +41,9 @@ DATA_NAME = "markov-v16-o2-s4"
 class PeriLNProtocol(Protocol):
     """Markov-language LM: data, model, AdamW with warmup + cosine, spike thresholds."""
 
-    depth: int = scaled(smoke=4, quick=6, full=8)
-    steps: int = scaled(smoke=30, quick=200, full=1000)
-    warmup: int = scaled(smoke=5, quick=20, full=50)
+    depth: int = scaled(smoke=2, quick=6, full=8)
+    steps: int = scaled(smoke=12, quick=200, full=1000)
+    warmup: int = scaled(smoke=3, quick=20, full=50)
     vocab: int = 16
     order: int = 2
     successors: int = 4
@@ -65,12 +65,6 @@ class PeriLNProtocol(Protocol):
 
 
 # ------------------------------------------------------------------------------------------ model
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 class TinyTransformerLM(nn.Module):
     """A small decoder-only LM whose blocks use one LN placement (the peri-ln claim's model).
 
@@ -90,9 +84,9 @@ class TinyTransformerLM(nn.Module):
                  norm: str = "rmsnorm", embed_norm: bool = False, max_len: int = 256, mlp_ratio: int = 4,
                  eps: float = 1e-5, init_std: float = 0.02, embed_std: float = 1.0) -> None:
         super().__init__()
-        vocab, dim = _positive_int("vocab", vocab), _positive_int("dim", dim)
-        depth, heads = _positive_int("depth", depth), _positive_int("heads", heads)
-        self.max_len = _positive_int("max_len", max_len)
+        vocab, dim = positive_int("vocab", vocab), positive_int("dim", dim)
+        depth, heads = positive_int("depth", depth), positive_int("heads", heads)
+        self.max_len = positive_int("max_len", max_len)
         if placement not in BLOCK_PLACEMENTS:
             raise ValueError(f"placement must be one of {BLOCK_PLACEMENTS}, got {placement!r}")
         if dim % heads:
