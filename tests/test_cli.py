@@ -268,3 +268,52 @@ def test_report_and_summary_errors_exit_2_one_line(tmp_path):
         assert r.returncode == 2, (args, r.stdout, r.stderr)
         assert needle in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "missing.db").exists()
+
+
+def _gk_plain(code, cache):
+    """Run python code with gradkit importable and no extra claims (the catalog cache applies)."""
+    e = {k: v for k, v in os.environ.items() if k != "GRADKIT_CLAIMS"}
+    e["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), e.get("PYTHONPATH", "")])
+    e["GRADKIT_CACHE"] = str(cache)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e, timeout=120)
+
+
+def test_list_and_show_read_the_catalog_without_torch(tmp_path):
+    code = ("import sys; from gradkit.harness.cli import main; rc = main(sys.argv[1:] or ['list']); "
+            "print('TORCH', 'torch' in sys.modules); sys.exit(rc)")
+    first = _gk_plain(code, tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "dann" in first.stdout and "TORCH True" in first.stdout  # built by importing the claims
+    assert (tmp_path / "claims-catalog.json").exists()
+    again = _gk_plain(code, tmp_path)
+    assert again.stdout.replace("TORCH False", "TORCH True") == first.stdout
+    shown = _gk_plain(code.replace("['list']", "['show', 'dann']"), tmp_path)
+    assert shown.returncode == 0 and "TORCH False" in shown.stdout
+    assert "protocol (bundled" in shown.stdout and "criterion:" in shown.stdout
+
+
+def test_catalog_key_follows_every_source_file(tmp_path, monkeypatch):
+    from gradkit.harness import catalog
+
+    (tmp_path / "a.py").write_text("x = 1\n")
+    monkeypatch.setattr(catalog, "_PACKAGE", tmp_path)
+    k1 = catalog.catalog_key()
+    assert catalog.catalog_key() == k1
+    (tmp_path / "a.py").write_text("x = 22\n")
+    assert catalog.catalog_key() != k1
+
+
+def test_bench_help_lists_benchmark_names(tmp_path):
+    r = gk("bench", "--help", db=tmp_path / "r.db")
+    assert r.returncode == 0
+    assert "dann-grl-step" in r.stdout and "mfac-step-m64" in r.stdout
+
+
+def test_benchmark_names_have_one_style():
+    import re
+
+    from gradkit.harness.bench import BENCHMARKS, load_benchmarks
+
+    load_benchmarks()
+    bad = [n for n in BENCHMARKS.names() if not re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", n)]
+    assert not bad, f"benchmark names are lower-case words joined by '-': {bad}"

@@ -12,10 +12,11 @@ import json
 import os
 import pickle
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
+
+from .._cache import cache_dir
 
 
 @dataclass(frozen=True)
@@ -39,15 +40,6 @@ class Split:
     def to(self, device: torch.device | str) -> "Split":
         return Split(self.x_train.to(device), self.y_train.to(device), self.x_test.to(device),
                      self.y_test.to(device), self.name)
-
-
-def cache_dir() -> Path:
-    """Where generated data is cached: ``$GRADKIT_CACHE`` or ``~/.cache/gradkit``."""
-    root = os.environ.get("GRADKIT_CACHE")
-    if root:
-        return Path(root)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "gradkit"
 
 
 def standardise(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -222,43 +222,28 @@ def _overrides(args, claims, root) -> dict[str, dict]:
 
 
 def cmd_list(args) -> int:
-    from .claims import CLAIMS, load_claims
+    from .catalog import load_catalog
 
-    load_claims()
+    cat = load_catalog()
     if args.json:
-        print(json.dumps([{"slug": c.slug, "title": c.title, "arxiv": c.arxiv, "statement": c.statement,
-                           "real_data": c.real_data, "default_seeds": c.default_seeds}
-                          for _, c in CLAIMS.items()], indent=2))
+        keys = ("slug", "title", "arxiv", "statement", "real_data", "default_seeds")
+        print(json.dumps([{k: e[k] for k in keys} for e in cat.values()], indent=2))
         return EXIT_OK
-    w = max((len(n) for n in CLAIMS.names()), default=4)
-    for slug, c in CLAIMS.items():
-        print(f"{slug.ljust(w)}  arXiv:{c.arxiv:<11} {c.title}")
+    w = max((len(n) for n in cat), default=4)
+    for slug, e in cat.items():
+        print(f"{slug.ljust(w)}  arXiv:{e['arxiv']:<11} {e['title']}")
     return EXIT_OK
 
 
 def cmd_show(args) -> int:
-    from .protocol import protocol_table
+    from .catalog import load_catalog
 
-    (c,) = _claims([args.slug])
-    r = c.resolve(None)
-    info = {
-        "slug": c.slug, "title": c.title, "arxiv": c.arxiv, "statement": c.statement,
-        "paper_figure": c.paper_figure, "criterion": c.criterion.describe(),
-        "control": ", ".join(f"{b} in place of {a}" for a, b in r.control.items())
-                   + (f" ({c.control_note})" if c.control_note else ""),
-        "primary": f"{c.primary.metric}: {c.primary.ours} vs {c.primary.baseline}",
-        "arms": list(c.arms), "data": c.data,
-        "variants": {v.name: f"{v.description}; scales {', '.join(v.scales)}; criterion "
-                             f"{(v.criterion or c.criterion).describe()}" for v in c.variants},
-        "default_seeds": c.default_seeds, "version": c.version,
-        "uses": list(c.uses), "notes": c.notes,
-    }
-    tables = {"bundled": protocol_table(c.protocol)}
-    for v in c.variants:
-        tables[v.name] = protocol_table(v.protocol or c.protocol)
-        if v.overrides:
-            tables[v.name] = [(f, t, *[repr(v.overrides[f]) if f in v.overrides else x for x in vals])
-                              for f, t, *vals in tables[v.name]]
+    cat = load_catalog()
+    if args.slug not in cat:
+        raise UsageError(f"unknown claim {args.slug!r}; known: {', '.join(cat)}")
+    info = dict(cat[args.slug])
+    tables = info.pop("protocol_tables")
+    info.pop("real_data", None)
     if args.json:
         info["protocol"] = {name: {f: {"type": t, "smoke": a, "quick": b, "full": d} for f, t, a, b, d in rows}
                             for name, rows in tables.items()}
@@ -437,7 +422,30 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--db", default=None)
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_bench)
+    plain_help = sp.format_help
+    sp.format_help = lambda: plain_help() + _benchmark_names()  # looked up only when help is printed
     return p
+
+
+def _benchmark_names() -> str:
+    from .catalog import benchmark_catalog
+
+    cat = benchmark_catalog()
+    w = max((len(n) for n in cat), default=4)
+    short = lambda d: d if len(d) <= 70 else d[:69].rstrip() + "…"  # noqa: E731
+    lines = [f"  {n.ljust(w)}  [{e['slug']}] {short(e['description'])}" for n, e in cat.items()]
+    return "\nbenchmarks (NAME; none given runs them all):\n" + "\n".join(lines) + "\n"
+
+
+def _usage_errors() -> tuple[type[Exception], ...]:
+    """The errors that end the command with one line and exit status 2. The results store's and the data
+    layer's errors are only looked up when their modules were imported (importing the data layer imports
+    torch, which ``list`` and ``show`` do without): an error cannot come from a module never loaded."""
+    errors: list[type[Exception]] = [UsageError]
+    for module, name in (("gradkit.harness.results", "StoreError"), ("gradkit.data.errors", "DataError")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -446,17 +454,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
-    from ..data import DataError
-    from .results import StoreError
-
     try:
         return args.func(args)
-    except (UsageError, StoreError, DataError) as e:
+    except Exception as e:
+        if not isinstance(e, _usage_errors()):
+            raise
         _err(str(e))
         return EXIT_USAGE
     except KeyboardInterrupt:
         _err("interrupted; finished runs are stored (rerun `gradkit reproduce` to resume)")
         return 130
+    except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover
