@@ -509,7 +509,7 @@ def test_benchmark_registered_and_runs():
     import gradkit.harness.benchmarks.backprop_saliency  # noqa: F401
     from gradkit.harness.bench import BENCHMARKS
 
-    b = BENCHMARKS.get("backprop_saliency_normgrad_attribution")
+    b = BENCHMARKS.get("backprop-saliency-normgrad-attribution")
     assert b.slug == "backprop-saliency" and b.target is None
     r = b.run(1)
     assert math.isfinite(r.ratio) and r.ratio > 0

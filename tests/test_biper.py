@@ -705,7 +705,7 @@ def test_benchmark_registered_and_runs():
     import gradkit.harness.benchmarks.biper  # noqa: F401
     from gradkit.harness.bench import BENCHMARKS
 
-    b = BENCHMARKS.get("biper_binary_linear_step")
+    b = BENCHMARKS.get("biper-binary-linear-step")
     assert b.slug == "biper" and b.target == 1.10 and b.baseline == "STE binary layer"
     r = b.run(1)
     assert math.isfinite(r.ratio) and r.ratio > 0

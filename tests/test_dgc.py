@@ -337,7 +337,7 @@ def test_benchmarks_register_and_wire_ratio():
     import gradkit.harness.benchmarks.dgc as bench
     from gradkit.harness.bench import BENCHMARKS
 
-    assert "dgc_compress_vs_backward" in BENCHMARKS and "dgc_train_step" in BENCHMARKS
+    assert "dgc-compress-vs-backward" in BENCHMARKS and "dgc-train-step" in BENCHMARKS
     grads = [torch.randn(1024, 1024), torch.randn(10, 1024)]
     ratio, dense, sent = bench._wire_ratio("block16", grads)
     assert ratio >= 500.0 and dense == 4 * (1024 * 1024 + 10240)

@@ -526,7 +526,7 @@ def test_benchmark_registered_and_runs():
     import gradkit.harness.benchmarks.gbnn as bench
     from gradkit.harness.bench import BENCHMARKS
 
-    b = BENCHMARKS.get("gbnn_training")
+    b = BENCHMARKS.get("gbnn-training")
     assert b.slug == "gbnn" and b.target is None
     r = bench.run(1, units=2, epochs=2)
     assert r.baseline_s > 0 and math.isfinite(r.ratio) and r.extra["units"] == 2

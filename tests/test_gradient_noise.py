@@ -403,7 +403,7 @@ def test_benchmark_registered_and_runs():
     import gradkit.harness.benchmarks.gradient_noise  # noqa: F401
     from gradkit.harness.bench import BENCHMARKS
 
-    b = BENCHMARKS.get("gradient_noise_step")
+    b = BENCHMARKS.get("gradient-noise-step")
     assert b.slug == "gradient-noise" and b.target == 1.05
     r = b.run(2)
     assert r.baseline_s > 0 and math.isfinite(r.ratio)

@@ -616,8 +616,8 @@ def test_benchmarks_registered_and_run():
     import gradkit.harness.benchmarks.hessian_alignment  # noqa: F401
     from gradkit.harness.bench import BENCHMARKS
 
-    names = ("hessian_alignment_hgp_step", "hessian_alignment_hutchinson_step",
-             "hessian_alignment_hutchinson_vs_exact_diag")
+    names = ("hessian-alignment-hgp-step", "hessian-alignment-hutchinson-step",
+             "hessian-alignment-hutchinson-vs-exact-diag")
     for n in names:
         assert BENCHMARKS.get(n).slug == "hessian-alignment"
     assert BENCHMARKS.get(names[2]).target == 1.0

@@ -424,6 +424,6 @@ def test_benchmark_registered_and_runs():
     import gradkit.harness.benchmarks.hyperfl  # noqa: F401
     from gradkit.harness.bench import BENCHMARKS
 
-    b = BENCHMARKS.get("hyperfl_client_step")
+    b = BENCHMARKS.get("hyperfl-client-step")
     r = b.run(2)
     assert r.baseline_s > 0 and r.candidate_s > 0

@@ -521,7 +521,7 @@ def test_benchmark_registered_and_runs():
     import gradkit.harness.benchmarks.odice  # noqa: F401
     from gradkit.harness.bench import BENCHMARKS
 
-    b = BENCHMARKS.get("odice_value_step_small")
+    b = BENCHMARKS.get("odice-value-step-small")
     assert b.slug == "odice" and b.target is None
     res = b.run(2)
     assert res.baseline_s > 0 and res.candidate_s > 0 and res.extra["params"] == 4417

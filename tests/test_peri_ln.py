@@ -309,7 +309,7 @@ def test_benchmark_registered_and_runs():
     import gradkit.harness.benchmarks.peri_ln  # noqa: F401
     from gradkit.harness.bench import BENCHMARKS
 
-    b = BENCHMARKS.get("peri_ln_step")
+    b = BENCHMARKS.get("peri-ln-step")
     assert b.slug == "peri-ln" and b.target is None and b.baseline == "Pre-LN"
     r = b.run(2)
     assert r.baseline_s > 0 and math.isfinite(r.ratio) and r.extra["params_peri"] > r.extra["params_pre"]

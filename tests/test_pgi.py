@@ -582,7 +582,7 @@ def test_benchmark_registered_and_runs():
     import gradkit.harness.benchmarks.pgi  # noqa: F401
     from gradkit.harness.bench import BENCHMARKS
 
-    b = BENCHMARKS.get("pgi_train_step")
+    b = BENCHMARKS.get("pgi-train-step")
     assert b.slug == "pgi" and b.target is None
     r = b.run(1)
     assert math.isfinite(r.ratio) and r.ratio > 0 and r.extra["train_params"] > r.extra["main_params"]

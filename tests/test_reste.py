@@ -497,7 +497,7 @@ def test_benchmark_registered_and_runs():
     import gradkit.harness.benchmarks.reste  # noqa: F401
     from gradkit.harness.bench import BENCHMARKS
 
-    b = BENCHMARKS.get("reste_binary_linear_step")
+    b = BENCHMARKS.get("reste-binary-linear-step")
     assert b.slug == "reste" and b.target == 1.10 and b.baseline == "STE binary layer"
     r = b.run(1)
     assert math.isfinite(r.ratio) and r.ratio > 0

@@ -625,9 +625,9 @@ def test_benchmark_registered_and_runs():
     import gradkit.harness.benchmarks.tract  # noqa: F401
     from gradkit.harness.bench import BENCHMARKS
 
-    b = BENCHMARKS.get("tract_first_conv_step_digits")
+    b = BENCHMARKS.get("tract-first-conv-step-digits")
     assert b.slug == "tract" and b.target == 1.10
-    assert BENCHMARKS.get("tract_first_conv_step_cifar").target == 1.10
+    assert BENCHMARKS.get("tract-first-conv-step-cifar").target == 1.10
     r = b.run(2)
     assert r.baseline_s > 0 and r.candidate_s > 0 and math.isfinite(r.ratio)
 

@@ -42,7 +42,7 @@ def run(repeats: int) -> BenchResult:
 
 
 register_benchmark(Benchmark(
-    name="backprop_saliency_normgrad_attribution",
+    name="backprop-saliency-normgrad-attribution",
     slug="backprop-saliency",
     description=f"NormGrad(conv2*conv3) attribution of {BATCH} 32x32 inputs vs one training step of the same CNN",
     target=None,

@@ -59,7 +59,7 @@ def run(repeats: int) -> BenchResult:
 
 
 register_benchmark(Benchmark(
-    name="biper_binary_linear_step",
+    name="biper-binary-linear-step",
     slug="biper",
     description=f"BiPerLinear({FEATURES}->{FEATURES}) training step, batch {BATCH}: square-wave weights "
                 f"(freq {FREQ:g}) vs clipped-STE weights, same alpha and activation path",

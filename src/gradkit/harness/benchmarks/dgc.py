@@ -2,13 +2,13 @@
 
 Model: bias-free MLP 1024-1024-10 (1,058,816 parameters, all compressed), batch 128, fp32.
 
-- ``dgc_compress_vs_backward``: the DGC compressor's work on one step's gradients (momentum correction,
+- ``dgc-compress-vs-backward``: the DGC compressor's work on one step's gradients (momentum correction,
   accumulation, exact top-k selection (blockwise), masking, block16 index coding) vs the backward pass
   that produced them (target <= 0.25x). A bias-free MLP is the hardest case for this ratio: its backward
   is one matmul per weight and batch row, whereas a conv layer reuses each weight at every position.
   ``extra`` holds the same ratio with the official sampled threshold and the bytes on the wire: dense
   fp32 / (fp32 values + block16 indices), target >= 500x, and with int32 indices.
-- ``dgc_train_step``: a full training step (forward, backward, compress, decompress, SGD) of one DGC
+- ``dgc-train-step``: a full training step (forward, backward, compress, decompress, SGD) of one DGC
   worker vs plain SGD with momentum, same inputs (report; target <= 1.5x).
 """
 from __future__ import annotations
@@ -99,7 +99,7 @@ def run_step(repeats: int) -> BenchResult:
 
 
 register_benchmark(Benchmark(
-    name="dgc_compress_vs_backward",
+    name="dgc-compress-vs-backward",
     slug="dgc",
     description=f"DGC compressor (d={DENSITY:g}, exact top-k, block16 indices) on a 1.06M-parameter bias-free "
                 f"MLP's gradients vs the backward pass (batch {BATCH}); extra: wire bytes ratio",
@@ -109,7 +109,7 @@ register_benchmark(Benchmark(
 ))
 
 register_benchmark(Benchmark(
-    name="dgc_train_step",
+    name="dgc-train-step",
     slug="dgc",
     description=f"training step with DGC compress+decompress (d={DENSITY:g}, one worker) vs plain SGD momentum, "
                 f"1.06M-parameter MLP, batch {BATCH}",

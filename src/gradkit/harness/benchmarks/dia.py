@@ -52,7 +52,7 @@ def run(repeats: int) -> BenchResult:
 
 
 register_benchmark(Benchmark(
-    name="dia_attack_iteration",
+    name="dia-attack-iteration",
     slug="dia",
     description="one DIA attack iteration (data + dropout masks, double backward) vs one training step of the "
                 "victim MLP 64-128-128-10 at batch 1",

@@ -52,7 +52,7 @@ def _run(kind: str, repeats: int) -> BenchResult:
 
 for _kind in ("B0", "S0"):
     register_benchmark(Benchmark(
-        name=f"evonorm_{_kind.lower()}_step",
+        name=f"evonorm-{_kind.lower()}-step",
         slug="evonorm",
         description=f"3-conv net ({CH} ch, {SIZE}x{SIZE}, batch {BATCH}) training step: EvoNorm-{_kind} vs BN-ReLU",
         target=None,

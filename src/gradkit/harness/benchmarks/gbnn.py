@@ -61,7 +61,7 @@ def run(repeats: int, units: int = UNITS, epochs: int = EPOCHS) -> BenchResult:
 
 
 register_benchmark(Benchmark(
-    name="gbnn_training",
+    name="gbnn-training",
     slug="gbnn",
     description=("whole training run, breast_cancer (455x30), 50 sigmoid units: GradientBoostedMLP "
                  "(50 rounds x 200 L-BFGS iterations) vs the same MLP trained with Adam (200 epochs, batch 200)"),

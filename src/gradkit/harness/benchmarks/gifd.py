@@ -58,7 +58,7 @@ def _run(repeats: int) -> BenchResult:
 
 
 register_benchmark(Benchmark(
-    name="gifd_feature_iteration",
+    name="gifd-feature-iteration",
     slug="gifd",
     description="one GIFD iteration (stage-2 feature search, 8x8 image, batch 1) vs one training step of the victim CNN",
     target=None,

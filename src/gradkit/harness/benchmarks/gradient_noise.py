@@ -51,7 +51,7 @@ def run(repeats: int, batch: int = BATCH):
 
 
 register_benchmark(Benchmark(
-    name="gradient_noise_step",
+    name="gradient-noise-step",
     slug="gradient-noise",
     description=("SGD step of a 784-256-256-256-10 ReLU MLP (335k params), batch 128, "
                  "with GradientNoise(eta=0.01) vs without"),
@@ -63,7 +63,7 @@ register_benchmark(Benchmark(
 # The noise costs one Gaussian draw per parameter per step, whatever the batch: the same model at
 # batch 1024 shows how the ratio falls as the step's compute grows (reported, no target).
 register_benchmark(Benchmark(
-    name="gradient_noise_step_b1024",
+    name="gradient-noise-step-b1024",
     slug="gradient-noise",
     description="the same MLP step at batch 1024, with GradientNoise(eta=0.01) vs without",
     target=None,

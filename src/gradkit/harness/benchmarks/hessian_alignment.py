@@ -71,7 +71,7 @@ def run(repeats: int, baseline: str | None = None, candidate: str = "hgp") -> Be
 
 
 register_benchmark(Benchmark(
-    name="hessian_alignment_hgp_step",
+    name="hessian-alignment-hgp-step",
     slug="hessian-alignment",
     description=("full-batch Adam step of the Colored-MNIST MLP (392-128-128-1, 2 x 1,000 samples): "
                  "ERM + HGP penalty vs ERM"),
@@ -80,7 +80,7 @@ register_benchmark(Benchmark(
 ))
 
 register_benchmark(Benchmark(
-    name="hessian_alignment_hutchinson_step",
+    name="hessian-alignment-hutchinson-step",
     slug="hessian-alignment",
     description=f"the same step with the Hutchinson penalty (K = {K} probes) vs ERM",
     target=None,
@@ -90,7 +90,7 @@ register_benchmark(Benchmark(
 # Hutchinson replaces the exact Hessian diagonal (one product per head parameter, here 129) by K
 # random probes: with K = 10 it must be cheaper.
 register_benchmark(Benchmark(
-    name="hessian_alignment_hutchinson_vs_exact_diag",
+    name="hessian-alignment-hutchinson-vs-exact-diag",
     slug="hessian-alignment",
     description=(f"the same step with the Hutchinson penalty (K = {K}) vs the exact Hessian-diagonal "
                  "penalty (129 Hessian-vector products per domain)"),

@@ -53,7 +53,7 @@ def run(repeats: int) -> BenchResult:
 
 
 register_benchmark(Benchmark(
-    name="hyperfl_client_step",
+    name="hyperfl-client-step",
     slug="hyperfl",
     description=f"HyperFL client step (hypernetwork embed {EMBED}, hidden {HIDDEN} -> 64-64-32 MLP weights), "
                 f"batch {BATCH}, vs training the MLP directly",

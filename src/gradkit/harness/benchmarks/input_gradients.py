@@ -1,10 +1,10 @@
 """Benchmarks of input-gradients: a PGD adversarial training step and an input-gradient attribution, each
 against one plain forward+backward+SGD step of the same MLP on the same inputs.
 
-- ``input_gradients_pgd_train_step``: ``adversarial_loss(PGD(eps=0.1, steps=7))`` + backward + step. The
+- ``input-gradients-pgd-train-step``: ``adversarial_loss(PGD(eps=0.1, steps=7))`` + backward + step. The
   attack costs ``steps`` extra forward+backward passes (input gradient only), so the expected ratio is
   about steps + 1 = 8; target 10.
-- ``input_gradients_attribution``: ``InputGradient(model).attribute`` of 256 inputs (loss gradient,
+- ``input-gradients-attribution``: ``InputGradient(model).attribute`` of 256 inputs (loss gradient,
   ``internal_batch_size=64``); no parameter gradients or optimizer step, so about 1 (chunking adds a little); target 2.
 """
 from __future__ import annotations
@@ -63,7 +63,7 @@ def run_attribution(repeats: int) -> BenchResult:
 
 
 register_benchmark(Benchmark(
-    name="input_gradients_pgd_train_step",
+    name="input-gradients-pgd-train-step",
     slug="input-gradients",
     description=f"linf PGD ({STEPS} steps) adversarial training step vs plain step, MLP {D_IN}-{HIDDEN}-{HIDDEN}-"
                 f"{CLASSES}, batch {BATCH}",
@@ -73,7 +73,7 @@ register_benchmark(Benchmark(
 ))
 
 register_benchmark(Benchmark(
-    name="input_gradients_attribution",
+    name="input-gradients-attribution",
     slug="input-gradients",
     description=f"InputGradient (loss) attribution of {BATCH} inputs (internal_batch_size 64) vs plain training "
                 "step of the same MLP",

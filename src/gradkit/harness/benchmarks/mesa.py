@@ -15,7 +15,7 @@ from ..bench import Benchmark, BenchResult, compare_steps, register_benchmark
 from ...nn.mesa import MesaViT
 from ...testing import SavedBytesMeter
 
-NAME = "mesa_vit_step"
+NAME = "mesa-vit-step"
 BATCH = 64
 CFG = dict(image_size=8, patch=2, in_chans=1, num_classes=10, dim=64, depth=4, heads=4, mlp_ratio=4)
 

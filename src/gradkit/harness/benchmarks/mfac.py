@@ -55,7 +55,7 @@ def _runner(m: int, method: str = "woodbury"):
 
 for _m, _target in TARGETS.items():
     register_benchmark(Benchmark(
-        name=f"mfac_step_m{_m}",
+        name=f"mfac-step-m{_m}",
         slug="mfac",
         description=f"MLP 64-128-10 training step, batch {BATCH}: MFAC (m={_m}, incremental Woodbury) vs SGD "
                     "(whole step; extra.step_only_ratio = optimizer.step() alone)",

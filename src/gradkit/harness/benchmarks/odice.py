@@ -61,7 +61,7 @@ def run(repeats: int, obs: int = OBS, width: int = WIDTH, batch: int = BATCH) ->
 
 
 register_benchmark(Benchmark(
-    name="odice_value_step",
+    name="odice-value-step",
     slug="odice",
     description=("DICE value step of a 17-256-256-1 MLP (70k params), batch 256, Adam: O-DICE "
                  "orthogonal-gradient update (3 backward passes + projection) vs the true-gradient update"),
@@ -73,7 +73,7 @@ register_benchmark(Benchmark(
 
 # the claim's size: a 2-64-64-1 value MLP at batch 256 (per-step overheads weigh more)
 register_benchmark(Benchmark(
-    name="odice_value_step_small",
+    name="odice-value-step-small",
     slug="odice",
     description="the claim's 2-64-64-1 value MLP at batch 256: O-DICE update vs true-gradient update",
     target=None,

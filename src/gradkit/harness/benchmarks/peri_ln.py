@@ -42,7 +42,7 @@ def run(repeats: int) -> BenchResult:
 
 
 register_benchmark(Benchmark(
-    name="peri_ln_step",
+    name="peri-ln-step",
     slug="peri-ln",
     description=("AdamW step of a 4-block, dim-128 decoder LM (RMSNorm), batch 16 x 64 tokens: "
                  "Peri-LN blocks vs Pre-LN blocks"),

@@ -55,7 +55,7 @@ def run(repeats: int) -> BenchResult:
 
 
 register_benchmark(Benchmark(
-    name="pgi_train_step",
+    name="pgi-train-step",
     slug="pgi",
     description=f"Adam training step, batch {BATCH}: {P.depth}-stage Conv1d({P.width} ch) classifier with PGI's aux "
                 f"branch + CBLinear/CBFuse routes vs the main network alone (inference cost unchanged)",

@@ -46,7 +46,7 @@ def run(repeats: int) -> BenchResult:
 
 
 register_benchmark(Benchmark(
-    name="reste_binary_linear_step",
+    name="reste-binary-linear-step",
     slug="reste",
     description=f"BinaryLinear({FEATURES}->{FEATURES}) training step, batch {BATCH}: ReSTE (o=3) vs clipped STE",
     target=1.10,

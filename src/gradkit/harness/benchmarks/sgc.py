@@ -63,7 +63,7 @@ def run(repeats: int) -> BenchResult:
 
 
 register_benchmark(Benchmark(
-    name="sgc_msgc_coded_step",
+    name="sgc-msgc-coded-step",
     slug="sgc",
     description=f"digits linear classifier, full-batch step: gradient from all M-SGC tasks of one job "
                 f"(n={N}, B={B}, W={W}, lam={LAM}) + decode, vs plain backward",

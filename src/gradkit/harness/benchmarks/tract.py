@@ -56,7 +56,7 @@ def _runner(shape: str):
 
 for _shape, (_c, _s) in SHAPES.items():
     register_benchmark(Benchmark(
-        name=f"tract_first_conv_step_{_shape}",
+        name=f"tract-first-conv-step-{_shape}",
         slug="tract",
         description=f"small CNN training step, batch {BATCH} of {_c}x{_s}x{_s}: TrAct first conv (lambda 0.1) vs "
                     "plain first conv",
