@@ -18,6 +18,8 @@ from .rev_mbconv import MBConv3d, RevMBConv3d, RevMBConvUNet3d
 from .revcol import RevColNet, ReversibleColumnStack
 from .reversible import ReversibleBlock, ReversibleSequential, ReversibleStep
 from .tract import TrActConv2d, TrActLinear, tract
+from .icnn import ICNN, clamp_after_step
+from .single_attention import SingleLayerAttention
 
 __all__ = ["GradientReversal", "DomainClassifier", "domain_loss", "BinaryModule", "BinaryLinear", "BinaryConv2d",
            "binary_modules", "set_estimator_param", "BiPerLinear", "BiPerConv2d", "set_stage", "TrActLinear",
@@ -28,4 +30,4 @@ __all__ = ["GradientReversal", "DomainClassifier", "domain_loss", "BinaryModule"
            "ReversibleBlock", "ReversibleSequential", "ReversibleStep", "ReversibleColumnStack", "RevColNet",
            "MesaLinear", "MesaAttention", "mesa_convert", "set_mesa_enabled",
            "MBConv3d", "RevMBConv3d", "RevMBConvUNet3d", "MaskableDropout", "convert_dropout",
-           "dropout_mode", "HyperNetwork", "HyperClient"]
+           "dropout_mode", "HyperNetwork", "HyperClient", "ICNN", "clamp_after_step", "SingleLayerAttention"]

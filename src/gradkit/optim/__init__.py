@@ -6,8 +6,11 @@ Gradient transforms follow one protocol (:mod:`gradkit.optim.transform`): ``t(pa
 """
 from .gradient_noise import GradientNoise
 from .mfac import MFAC
+from .normalized_gd import NormalizedGD
+from .robust_gd import RobustAggregation, median_of_means, robust_loss, robust_step, winsorized_mean
 from .orthogonal import OrthogonalGradient, orthogonal_combine
 from .transform import GradientTransform, TransformedOptimizer, TransformHandle, attach, wrap
 
 __all__ = ["GradientNoise", "OrthogonalGradient", "orthogonal_combine", "MFAC",
-           "GradientTransform", "TransformedOptimizer", "TransformHandle", "attach", "wrap"]
+           "GradientTransform", "TransformedOptimizer", "TransformHandle", "attach", "wrap", "NormalizedGD",
+           "RobustAggregation", "median_of_means", "winsorized_mean", "robust_step", "robust_loss"]

@@ -1,1 +1,14 @@
 """Learned and classical solvers whose gradients train or flow through them."""
+from .attention_svm import (AttentionSVMSolution, InfeasibleSVMError, attention_svm, optimal_tokens, solve_attention_svm,
+                            svm_constraints, svm_margins)
+from .local_reg import LocalErrorRegularizer, global_error_regularizer
+from .lstsq_iterates import gd_iterates, inverse_spectral_lr, min_norm_lstsq, newton_alpha, newton_iterates, newton_schulz_pinv
+from .neural_ode import Autonomous, NeuralODE
+from .ode import Dopri5, ODESolution, ODESolverError, RKStep
+from .proximal import GammaSchedule, InversionResult, LearnedProx, PnPResult, invert_gradient, pnp_pgd, proximal_matching_loss
+
+__all__ = ["solve_attention_svm", "attention_svm", "optimal_tokens", "svm_constraints", "svm_margins",
+           "AttentionSVMSolution", "InfeasibleSVMError", "Dopri5", "ODESolution", "ODESolverError", "RKStep",
+           "LocalErrorRegularizer", "global_error_regularizer", "NeuralODE", "Autonomous", "newton_schulz_pinv",
+           "newton_iterates", "gd_iterates", "newton_alpha", "inverse_spectral_lr", "min_norm_lstsq", "LearnedProx",
+           "proximal_matching_loss", "GammaSchedule", "invert_gradient", "InversionResult", "pnp_pgd", "PnPResult"]

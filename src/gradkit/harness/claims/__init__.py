@@ -13,7 +13,7 @@ from ..protocol import Protocol, scaled
 from .base import (CLAIMS, SCALES, ArmContext, ArmResult, Claim, Primary, RunContext, RunOutput, Variant, execute,
                    register)
 from .criteria import (AllFinite, AllOf, AtLeast, AtLeastKOf, AtMost, Below, Check, Compare, Criterion, Drop, Gain,
-                       Monotonic, Within)
+                       Monotonic, Ratio, Within)
 from .tuning import Tuned, holdout, tune
 
 _NOT_CLAIMS = {"base", "criteria", "tuning"}
@@ -60,6 +60,6 @@ def get_claim(slug: str) -> Claim:
 __all__ = [
     "CLAIMS", "SCALES", "Claim", "Primary", "RunContext", "RunOutput", "ArmContext", "ArmResult", "Variant",
     "Protocol", "scaled", "execute", "register", "load_claims", "get_claim", "Criterion", "Check", "Compare",
-    "Within", "Gain", "Drop", "Below", "AtLeast", "AtMost", "Monotonic", "AllFinite", "AllOf", "AtLeastKOf",
+    "Within", "Ratio", "Gain", "Drop", "Below", "AtLeast", "AtMost", "Monotonic", "AllFinite", "AllOf", "AtLeastKOf",
     "tune", "Tuned", "holdout",
 ]

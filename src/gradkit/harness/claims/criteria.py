@@ -69,6 +69,29 @@ _OPS = {">=": lambda a, b: a >= b, ">": lambda a, b: a > b, "<=": lambda a, b: a
 
 
 @dataclass(frozen=True)
+class Ratio(Criterion):
+    """A relative improvement: ``mean(metric[arm]) <= at_most x mean(metric[ref])`` over seeds.
+
+    The reference's mean must be positive and both means finite (e.g. NFE, an error, a dead zone).
+    """
+
+    metric: str
+    arm: str
+    ref: str
+    at_most: float
+
+    def describe(self) -> str:
+        return f"{self.metric}: {self.arm} <= {self.at_most:g} x {self.ref} (seed means)"
+
+    def checks(self, per_seed):
+        a = mean(seed_values(per_seed, self.arm, self.metric))
+        b = mean(seed_values(per_seed, self.ref, self.metric))
+        ok = math.isfinite(a) and math.isfinite(b) and b > 0 and a <= self.at_most * b
+        r = a / b if math.isfinite(a) and math.isfinite(b) and b > 0 else float("nan")
+        return [Check(self.describe(), ok, f"{fmt(a)} vs {fmt(b)} (ratio {fmt(r)})")]
+
+
+@dataclass(frozen=True)
 class Compare(Criterion):
     """The one comparison: ``metric[arm] OP ref + margin``, with ``ref`` another arm's mean or a number.
 
