@@ -73,14 +73,21 @@ def _plot(summary: Summary, curve: str, path: Path) -> bool:
     import numpy as np
     from matplotlib.ticker import MaxNLocator
 
-    per_arm: dict[str, list[list[float]]] = {}
-    for r in summary.runs:
-        for arm, ys in r.curves.get(curve, {}).items():
-            if ys:
-                per_arm.setdefault(arm, []).append([float(y) for y in ys])
+    def seeds_of(name: str) -> dict[str, list[list[float]]]:
+        out: dict[str, list[list[float]]] = {}
+        for r in summary.runs:
+            for arm, ys in r.curves.get(name, {}).items():
+                if ys:
+                    out.setdefault(arm, []).append([float(y) for y in ys])
+        return out
+
+    per_arm = seeds_of(curve)
     if not per_arm:
         return False
-    axes = (summary.runs[0].info.get("curve_axes") or {}).get(curve, {})
+    all_axes = summary.runs[0].info.get("curve_axes") or {}
+    axes = all_axes.get(curve, {})
+    # "x_curve": plot against another curve's seed mean (e.g. I(T;Y) against I(X;T): an information plane)
+    x_of = seeds_of(axes["x_curve"]) if axes.get("x_curve") else {}
     ours = summary.primary.ours
     order = sorted(per_arm, key=lambda a: (a == ours, a))  # ours last: drawn on top
     bounds = summary.claim.bounds.get(curve)
@@ -92,6 +99,8 @@ def _plot(summary: Summary, curve: str, path: Path) -> bool:
         mu = np.nanmean(a, 0)
         given = axes.get("x")
         x = np.asarray(given[:n], dtype=float) if given is not None and len(given) >= n else np.arange(1, n + 1)
+        if arm in x_of and min(len(s) for s in x_of[arm]) >= n:
+            x = np.nanmean(np.array([s[:n] for s in x_of[arm]], dtype=float), 0)
         is_ours = arm == ours
         color = _PALETTE[-1] if is_ours else _PALETTE[i % (len(_PALETTE) - 1)]
         ax.plot(x, mu, label=arm + (" (ours)" if is_ours else ""), lw=2.6 if is_ours else 1.3, color=color,
@@ -102,9 +111,16 @@ def _plot(summary: Summary, curve: str, path: Path) -> bool:
             if bounds is not None:
                 lo, hi = np.clip(lo, *bounds), np.clip(hi, *bounds)
             ax.fill_between(x, lo, hi, alpha=0.15, color=color, lw=0)
-    if axes.get("x") is None:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel(axes.get("xlabel", "epoch"))
+    if x_of:
+        xa = all_axes.get(axes["x_curve"], {})
+        xunit = _unit(summary, axes["x_curve"])
+        ax.set_xlabel(xa.get("ylabel", axes["x_curve"].replace("_", " ")) + (f" ({xunit})" if xunit else ""))
+    else:
+        if axes.get("x") is None:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if axes.get("logx"):
+            ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlabel(axes.get("xlabel", "epoch"))
     unit = _unit(summary, curve)
     ax.set_ylabel(axes.get("ylabel", curve.replace("_", " ")) + (f" ({unit})" if unit else ""))
     if axes.get("log"):
