@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .._validate import ArgumentError, integer, positive_int, real_in, real_scalar, tensor
-from ._hooks import HookProbe
+from ._hooks import HookProbe, resolve_layers
 
 Algorithm = Callable[[Tensor, Tensor], Tensor]
 
@@ -229,36 +229,7 @@ class LayerReadout(HookProbe):
 
     def __init__(self, model: nn.Module, layers: str | nn.Module | Sequence[str | nn.Module],
                  ridge: float = 1e-3) -> None:
-        if not isinstance(model, nn.Module):
-            raise ArgumentError(f"model must be an nn.Module, got {type(model).__name__}")
-        if isinstance(layers, (str, nn.Module)):
-            layers = [layers]
-        try:
-            layers = list(layers)
-        except TypeError:
-            raise ArgumentError(f"layers must be a module name, a module or a list of them, got "
-                                f"{type(layers).__name__}") from None
-        if not layers:
-            raise ArgumentError("layers must name at least one module, got an empty list")
-        named = dict(model.named_modules())
-        self.modules: dict[str, nn.Module] = {}
-        for i, layer in enumerate(layers):
-            if isinstance(layer, str):
-                if layer not in named:
-                    shown = ", ".join(repr(k) for k in list(named)[:16])
-                    raise ArgumentError(f"layer {layer!r} not found in the model; its modules are: {shown}"
-                                        f"{' ...' if len(named) > 16 else ''}")
-                key = layer
-            elif isinstance(layer, nn.Module):
-                key = next((k for k, m in named.items() if m is layer), None)
-                if key is None:
-                    raise ArgumentError(f"layers[{i}] ({type(layer).__name__}) is not a submodule of the model")
-            else:
-                raise ArgumentError(f"layers[{i}] must be a module name (str) or an nn.Module, got "
-                                    f"{type(layer).__name__}")
-            if key in self.modules:
-                raise ArgumentError(f"layer {key!r} is named twice")
-            self.modules[key] = named[key]
+        self.modules: dict[str, nn.Module] = resolve_layers(model, layers)
         self.model = model
         self.ridge = real_scalar("ridge", ridge, nonneg=True)
         self.records: dict[str, list[Tensor]] = {k: [] for k in self.modules}

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .._validate import ArgumentError, boolean, choice, integer, nonneg_int, optional_generator, positive_int, \
     real_in, real_scalar, tensor
-from ._hooks import HookProbe
+from ._hooks import HookProbe, resolve_layers
 
 SPATIAL = ("flatten", "mean", "max")
 MATCH_METHODS = ("bipartite", "semi")
@@ -38,32 +38,6 @@ AFFINITIES = ("abs", "shift")
 
 
 # ------------------------------------------------------------------------------------------ activations
-def _resolve_layers(model: nn.Module, layers: str | nn.Module | Sequence[str | nn.Module]) -> dict[str, nn.Module]:
-    """``{name: module}`` for layers given by name or as submodules of ``model`` (clear errors otherwise)."""
-    if not isinstance(model, nn.Module):
-        raise ArgumentError(f"model must be an nn.Module, got {type(model).__name__}")
-    layers = [layers] if isinstance(layers, (str, nn.Module)) else list(layers)
-    if not layers:
-        raise ArgumentError("layers must name at least one module, got an empty list")
-    named = dict(model.named_modules())
-    out: dict[str, nn.Module] = {}
-    for i, layer in enumerate(layers):
-        if isinstance(layer, str):
-            if layer not in named:
-                shown = ", ".join(repr(n) for n in list(named)[:16])
-                raise ArgumentError(f"layer {layer!r} not found in the model; its modules are: {shown}"
-                                    f"{' ...' if len(named) > 16 else ''}")
-            out[layer] = named[layer]
-        elif isinstance(layer, nn.Module):
-            key = next((n for n, m in named.items() if m is layer), None)
-            if key is None:
-                raise ArgumentError(f"layers[{i}] ({type(layer).__name__}) is not a submodule of the model")
-            out[key] = layer
-        else:
-            raise ArgumentError(f"layers[{i}] must be a module name (str) or an nn.Module, got {type(layer).__name__}")
-    return out
-
-
 def units_view(output: Tensor, spatial: str = "flatten", position_stride: int = 1) -> Tensor:
     """A layer output as a (samples, units) matrix (convergent-learning).
 
@@ -103,7 +77,7 @@ class ActivationRecorder(HookProbe):
 
     def __init__(self, model: nn.Module, layers: str | nn.Module | Sequence[str | nn.Module], *,
                  spatial: str = "flatten", position_stride: int = 1, to_cpu: bool = False) -> None:
-        self.modules = _resolve_layers(model, layers)
+        self.modules = resolve_layers(model, layers)
         self.model = model
         self.spatial = choice("spatial", spatial, SPATIAL)
         self.position_stride = positive_int("position_stride", position_stride)
