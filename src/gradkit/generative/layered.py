@@ -91,7 +91,7 @@ class LayeredGenerator(nn.Module):
 
 def small_generator(latent_dim: int = 16, image_size: int = 8, channels: tuple[int, int] = (32, 16),
                     out_channels: int = 1, negative_slope: float = 0.2) -> LayeredGenerator:
-    """The small deconvolutional prior of the gifd spec as a :class:`LayeredGenerator` (4 blocks).
+    """The small deconvolutional prior of the gifd paper's laptop-scale setting as a :class:`LayeredGenerator` (4 blocks).
 
     Paper slug: gifd. z -> Linear -> c0 x s/4 x s/4 -> [up x2, conv3x3 c0, BN, LeakyReLU] -> c0 x s/2 x s/2
     -> [up x2, conv3x3 c1, BN, LeakyReLU] -> c1 x s x s -> [conv3x3, sigmoid] -> out_channels x s x s.
