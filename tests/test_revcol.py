@@ -178,7 +178,8 @@ def test_claim_smoke(smoke_run):
     assert len(out.curves["test_acc"]["revcol"]) == p.epochs
     assert len(out.curves["saved_mib_per_column"]["revcol"]) == len(p.columns_sweep)
     ok, checks = mod.CLAIM.criterion_for(out.data).evaluate([out.metrics])
-    assert len(checks) == 11
+    assert len(checks) == 9
+    assert m["revcol"]["grad_rel_err_f32_nmax"] <= 1e-3 and m["revcol"]["safe_columns_f32"] >= p.columns_sweep[0]
 
 
 def test_benchmark_registers_and_runs():

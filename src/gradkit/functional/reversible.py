@@ -21,12 +21,22 @@ in-place change raises instead of silently corrupting the reconstruction). Tenso
 grad but are neither inputs nor parameters of the level functions (closures) get no gradient.
 Backward is once-differentiable (no double backward); autocast state is not replayed.
 
+Round-off in the inverse grows along the chain (by about 1/|alpha| per step, more where a level
+re-reads reconstructed states), so a long chain in float32 can rebuild activations that are wrong.
+Pass a :class:`DriftMonitor`: backward then measures the reconstruction's relative drift where it
+is largest, at the chain's start (a first step is recomputed from the saved ``x`` anyway, so there
+the check is free; otherwise up to 256 evenly spaced entries of each input state are kept as a
+probe). Above ``tol`` it warns, and for a chain that begins with a first step it recomputes the
+gradients exactly from ``x`` with stored activations, so a wrong gradient is never returned
+silently. Modules owning a monitor switch to storing activations once it has tripped.
+
 The modules built on it (:class:`~gradkit.nn.reversible.ReversibleBlock`,
 :class:`~gradkit.nn.reversible.ReversibleSequential`, the RevCol columns) are in :mod:`gradkit.nn`.
 """
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -36,7 +46,9 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = ["ReversibleStep", "MultiLevelReversibleFunction", "run_steps", "invert_steps", "collect_params",
-           "bn_state_guard"]
+           "bn_state_guard", "DriftMonitor"]
+
+PROBE_SIZE = 256  # entries kept per input state to measure drift when the inputs are not saved
 
 
 @dataclass
@@ -54,6 +66,58 @@ class ReversibleStep:
     @property
     def first(self) -> bool:
         return self.alphas is None
+
+
+class DriftMonitor:
+    """Relative drift of a reversible chain's reconstruction, measured by its backward (``revcol``).
+
+    drift = max over states of max|rebuilt - exact| / max|exact| at the chain's start. ``tol`` is the
+    largest drift accepted; above it the chain warns (once per monitor) and, where it can, recomputes
+    its gradients exactly. ``last``/``worst`` hold the drifts seen, ``checks``/``trips`` their counts.
+
+    >>> mon = DriftMonitor(tol=1e-3)
+    >>> outs = MultiLevelReversibleFunction.run(steps, x, states, monitor=mon)
+    >>> sum(o.sum() for o in outs).backward(); mon.last          # doctest: +SKIP
+    """
+
+    def __init__(self, tol: float = 1e-3) -> None:
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < float("inf"):
+            raise ValueError(f"tol must be a positive finite number, got {tol!r}")
+        self.tol = float(tol)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every measurement (a tripped module goes back to reconstructing)."""
+        self.last: float | None = None
+        self.worst = 0.0
+        self.checks = 0
+        self.trips = 0
+
+    @property
+    def tripped(self) -> bool:
+        return self.trips > 0
+
+    def record(self, drift: float) -> bool:
+        """Store one measurement; True when it exceeds ``tol`` (non-finite drift counts as exceeding)."""
+        self.last = drift
+        self.checks += 1
+        bad = not drift <= self.tol
+        self.worst = drift if bad and drift != drift else max(self.worst, drift)
+        self.trips += bad
+        return bad
+
+    def __repr__(self) -> str:
+        return f"DriftMonitor(tol={self.tol}, last={self.last}, worst={self.worst}, trips={self.trips})"
+
+
+def _rel_drift(got: Tensor, ref: Tensor) -> float:
+    return float((got - ref).abs().max() / ref.abs().max().clamp_min(torch.finfo(ref.dtype).tiny))
+
+
+def _probe(t: Tensor) -> tuple[Tensor, Tensor]:
+    flat = t.detach().reshape(-1)
+    idx = torch.linspace(0, flat.numel() - 1, min(PROBE_SIZE, flat.numel()), device=flat.device).long()
+    return idx, flat[idx].clone()
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -183,7 +247,7 @@ class MultiLevelReversibleFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, steps, n_states, preserve_rng, x, *rest):  # type: ignore[override]
+    def forward(ctx, steps, n_states, preserve_rng, monitor, x, *rest):  # type: ignore[override]
         states = rest[:n_states]
         params = rest[n_states:]
         devices = _rng_devices([x, *states]) if preserve_rng else []
@@ -199,6 +263,8 @@ class MultiLevelReversibleFunction(torch.autograd.Function):
         ctx.n_states = n_states
         ctx.has_x = x is not None
         ctx.params = params
+        ctx.monitor = monitor
+        ctx.probes = [_probe(t) for t in states] if monitor is not None and not steps[0].first else None
         ctx.save_for_backward(x, *outs)
         return tuple(outs)
 
@@ -214,7 +280,8 @@ class MultiLevelReversibleFunction(torch.autograd.Function):
         g_cur: list[Tensor | None] = list(grad_outs)
         y_cur: list[Tensor] = [y.detach() for y in ys]
         x_d = x.detach() if x is not None else None
-        need_x = ctx.has_x and ctx.needs_input_grad[3]
+        need_x = ctx.has_x and ctx.needs_input_grad[4]
+        drift = 0.0
 
         def acc(a: Tensor | None, b: Tensor | None) -> Tensor | None:
             if b is None:
@@ -252,6 +319,8 @@ class MultiLevelReversibleFunction(torch.autograd.Function):
                         if not step.first:
                             a = step.alphas[k]
                             old[k] = (y_cur[k] - out.detach()) / _alpha_value(a)
+                        elif ctx.monitor is not None:  # rebuilt outputs of the first step vs recomputed ones
+                            drift = max(drift, _rel_drift(y_cur[k], out.detach()))
                         g = g_new[k]
                         if g is None:
                             g = torch.zeros_like(out)
@@ -285,15 +354,35 @@ class MultiLevelReversibleFunction(torch.autograd.Function):
                         del out
                 y_cur = old  # type: ignore[assignment]
                 g_cur = g_old
-        need_states = ctx.needs_input_grad[4:4 + ctx.n_states]
+            if ctx.probes is not None:
+                for (idx, ref), got in zip(ctx.probes, y_cur):
+                    drift = max(drift, _rel_drift(got.reshape(-1)[idx], ref))
+            if ctx.monitor is not None and ctx.monitor.record(drift):
+                exact = steps[0].first
+                if ctx.monitor.trips == 1:
+                    warnings.warn(
+                        f"reversible reconstruction drifted: relative error {drift:.3g} > tol {ctx.monitor.tol:g} "
+                        f"over a chain of {len(steps)} step(s) in {x_d.dtype if x_d is not None else y_cur[0].dtype}"
+                        + ("; gradients recomputed from stored activations" if exact else
+                           "; this call's gradients are inexact") +
+                        ". Use float64, shorter chains, or store activations.", RuntimeWarning, stacklevel=2)
+                if exact:
+                    gx, pgrads = _exact_grads(ctx, x_d, grad_outs, need_x)
+        need_states = ctx.needs_input_grad[5:5 + ctx.n_states]
         g_states = [g if need else None for g, need in zip(g_cur, need_states)] \
             if not steps[0].first else [None] * ctx.n_states
-        return (None, None, None, gx if need_x else None, *g_states, *pgrads)
+        return (None, None, None, None, gx if need_x else None, *g_states, *pgrads)
 
     @staticmethod
     def run(steps: Sequence[ReversibleStep], x: Tensor | None, states: Sequence[Tensor | None],
-            params: Sequence[Tensor] | None = None, *, preserve_rng: bool = True) -> tuple[Tensor, ...]:
-        """Apply the chain; ``params`` defaults to every parameter of the level functions and alphas."""
+            params: Sequence[Tensor] | None = None, *, preserve_rng: bool = True,
+            monitor: DriftMonitor | None = None) -> tuple[Tensor, ...]:
+        """Apply the chain; ``params`` defaults to every parameter of the level functions and alphas.
+
+        ``monitor``: a :class:`DriftMonitor` that the backward reports its reconstruction drift to.
+        """
+        if monitor is not None and not isinstance(monitor, DriftMonitor):
+            raise TypeError(f"monitor must be a DriftMonitor or None, got {type(monitor).__name__}")
         if not steps:
             raise ValueError("steps must contain at least one ReversibleStep")
         for i, st in enumerate(steps):
@@ -303,8 +392,29 @@ class MultiLevelReversibleFunction(torch.autograd.Function):
                 raise ValueError(f"steps[{i}] has alphas=None (a first step); only steps[0] may be a first step")
         if params is None:
             params = collect_params(steps)
-        return MultiLevelReversibleFunction.apply(list(steps), len(states), bool(preserve_rng), x,
+        return MultiLevelReversibleFunction.apply(list(steps), len(states), bool(preserve_rng), monitor, x,
                                                   *states, *params)
+
+
+def _exact_grads(ctx, x: Tensor, grad_outs: Sequence[Tensor | None], need_x: bool
+                 ) -> tuple[Tensor | None, list[Tensor | None]]:
+    """Gradients of a chain that begins with a first step, by plain autograd from the saved ``x``."""
+    steps, params = ctx.steps, ctx.params
+    fns = [f for st in steps for f in st.fns]
+    with torch.enable_grad(), bn_state_guard(fns):
+        if ctx.rng_log:
+            _restore_rng(ctx.rng_log[0], ctx.devices)
+        x_leaf = x.detach().requires_grad_(need_x)
+        outs = run_steps(steps, x_leaf, [None] * ctx.n_states)
+        wrt = [x_leaf] if need_x else []
+        live = [i for i, p in enumerate(params) if p.requires_grad]
+        wrt += [params[i] for i in live]
+        gouts = [torch.zeros_like(o) if g is None else g for o, g in zip(outs, grad_outs)]
+        grads = torch.autograd.grad(outs, wrt, gouts, allow_unused=True)
+    pgrads: list[Tensor | None] = [None] * len(params)
+    for i, g in zip(live, grads[int(need_x):]):
+        pgrads[i] = g
+    return (grads[0] if need_x else None), pgrads
 
 
 def collect_params(steps: Sequence[ReversibleStep]) -> list[Tensor]:

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._validate import positive_int, real_scalar
-from ..functional.reversible import (MultiLevelReversibleFunction, ReversibleStep, collect_params, invert_steps,
-                                     run_steps)
+from ..functional.reversible import (DriftMonitor, MultiLevelReversibleFunction, ReversibleStep, collect_params,
+                                     invert_steps, run_steps)
 
 __all__ = ["LayerNorm2d", "DropPath", "ConvNeXtBlock", "RevColLevel", "ReversibleColumnStack", "RevColNet"]
 
@@ -124,6 +124,10 @@ class ReversibleColumnStack(nn.Module):
     (the official code); ``strict=True``: one Function over all columns saving x and the last
     column's outputs only (memory flat in N). ``reversible=False``: plain autograd (the twin).
     Alphas are clamped to ``|alpha| >= alpha_min`` (sign kept) before every forward.
+    ``drift_tol`` (default 1e-3, ``None`` turns the check off): backward measures how far the rebuilt
+    activations drift (``self.drift``, a :class:`~gradkit.functional.reversible.DriftMonitor`); above it a
+    strict stack warns, returns gradients recomputed from stored activations, and from then on saves
+    each column's outputs (``strict=False``'s scheme) until ``self.drift.reset()``.
 
     >>> stack = ReversibleColumnStack(lambda i, first: [RevColLevel(k, [8, 16], 1, first_column=first)
     ...                                                 for k in range(2)], [8, 16], num_columns=4)
@@ -133,7 +137,8 @@ class ReversibleColumnStack(nn.Module):
 
     def __init__(self, make_level_fns: Callable[[int, bool], Sequence[nn.Module]], channels: Sequence[int],
                  num_columns: int, *, alpha_init: float = 0.5, alpha_min: float = 1e-3,
-                 reversible: bool = True, strict: bool = False, preserve_rng: bool = True) -> None:
+                 reversible: bool = True, strict: bool = False, preserve_rng: bool = True,
+                 drift_tol: float | None = 1e-3) -> None:
         super().__init__()
         if not callable(make_level_fns):
             raise TypeError(f"make_level_fns must be callable, got {type(make_level_fns).__name__}")
@@ -162,6 +167,7 @@ class ReversibleColumnStack(nn.Module):
         self.reversible = bool(reversible)
         self.strict = bool(strict)
         self.preserve_rng = bool(preserve_rng)
+        self.drift = None if drift_tol is None else DriftMonitor(drift_tol)
 
     @torch.no_grad()
     def clamp_alphas_(self) -> None:
@@ -186,12 +192,13 @@ class ReversibleColumnStack(nn.Module):
         nlev = len(self.channels)
         if not (self.reversible and torch.is_grad_enabled()):
             return run_steps(steps, x, [None] * nlev)
-        if self.strict:
-            return list(MultiLevelReversibleFunction.run(steps, x, [None] * nlev, preserve_rng=self.preserve_rng))
+        if self.strict and not (self.drift is not None and self.drift.tripped):
+            return list(MultiLevelReversibleFunction.run(steps, x, [None] * nlev, preserve_rng=self.preserve_rng,
+                                                         monitor=self.drift))
         states: list[Tensor | None] = [None] * nlev
         for st in steps:
             states = list(MultiLevelReversibleFunction.run([st], x, states, collect_params([st]),
-                                                           preserve_rng=self.preserve_rng))
+                                                           preserve_rng=self.preserve_rng, monitor=self.drift))
         return states  # type: ignore[return-value]
 
     @torch.no_grad()
@@ -225,7 +232,8 @@ class RevColNet(nn.Module):
                  channels: Sequence[int] = (64, 128, 256, 512),
                  blocks: Sequence[int] = (2, 2, 4, 2), num_columns: int = 4, stem: int = 4, kernel: int = 3,
                  layer_scale: float = 1e-6, drop_path: float = 0.0, alpha_init: float = 0.5,
-                 reversible: bool = True, strict: bool = False, preserve_rng: bool = True) -> None:
+                 reversible: bool = True, strict: bool = False, preserve_rng: bool = True,
+                 drift_tol: float | None = 1e-3) -> None:
         super().__init__()
         channels, blocks = list(channels), list(blocks)
         if len(channels) != len(blocks):
@@ -239,7 +247,8 @@ class RevColNet(nn.Module):
                                 layer_scale=layer_scale, drop_path=drop_path) for k in range(len(channels))]
 
         self.columns = ReversibleColumnStack(make, channels, num_columns, alpha_init=alpha_init,
-                                             reversible=reversible, strict=strict, preserve_rng=preserve_rng)
+                                             reversible=reversible, strict=strict, preserve_rng=preserve_rng,
+                                             drift_tol=drift_tol)
         self.head_norm = nn.LayerNorm(channels[-1])
         self.head = nn.Linear(channels[-1], positive_int("num_classes", num_classes))
 

@@ -33,12 +33,12 @@ import torch
 from torch import Tensor, nn
 
 from .._validate import integer
-from ..functional.reversible import (MultiLevelReversibleFunction, ReversibleStep, bn_state_guard, collect_params,
-                                     invert_steps, run_steps)
+from ..functional.reversible import (DriftMonitor, MultiLevelReversibleFunction, ReversibleStep, bn_state_guard,
+                                     collect_params, invert_steps, run_steps)
 
 __all__ = [
     "ReversibleStep", "MultiLevelReversibleFunction", "run_steps", "invert_steps",
-    "ReversibleBlock", "ReversibleSequential", "bn_state_guard", "collect_params",
+    "ReversibleBlock", "ReversibleSequential", "bn_state_guard", "collect_params", "DriftMonitor",
 ]
 
 
@@ -127,12 +127,12 @@ def _halves(x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
 
 
 def _coupled_forward(blocks: Sequence[ReversibleBlock], x: Tensor, dim: int, reversible: bool,
-                     preserve_rng: bool) -> Tensor:
+                     preserve_rng: bool, monitor: DriftMonitor | None = None) -> Tensor:
     x1, x2 = _halves(x, dim)
     steps = [b.step() for b in blocks]
     if reversible and torch.is_grad_enabled() and (x.requires_grad or any(
             p.requires_grad for p in collect_params(steps))):
-        outs = MultiLevelReversibleFunction.run(steps, None, [x1, x2], preserve_rng=preserve_rng)
+        outs = MultiLevelReversibleFunction.run(steps, None, [x1, x2], preserve_rng=preserve_rng, monitor=monitor)
     else:
         outs = run_steps(steps, None, [x1, x2])
     return torch.cat(list(outs), dim=dim)
@@ -144,6 +144,9 @@ class ReversibleSequential(nn.Module):
     Paper slugs ``revcol`` / ``rev-mbconv``. Saved activation bytes do not grow with the number
     of blocks: backward inverts the blocks one by one (``x2 = y2 - G(y1)``, ``x1 = y1 - F(x2)``).
     ``reversible=False`` runs the same blocks with plain autograd (the twin, a test oracle).
+    ``drift_tol`` (default 1e-3, ``None``: off): backward compares the rebuilt input with a probe of the
+    real one (``self.drift``); above it the chain warns that this call's gradients are inexact and
+    stores activations (plain autograd) from the next call on, until ``self.drift.reset()``.
 
     >>> seq = ReversibleSequential(*[ReversibleBlock(nn.Linear(4, 4), nn.Linear(4, 4), -1) for _ in range(3)])
     >>> y = seq(torch.randn(2, 8, requires_grad=True)); y.sum().backward()
@@ -151,7 +154,8 @@ class ReversibleSequential(nn.Module):
     torch.Size([2, 8])
     """
 
-    def __init__(self, *blocks: ReversibleBlock, reversible: bool = True, preserve_rng: bool = True) -> None:
+    def __init__(self, *blocks: ReversibleBlock, reversible: bool = True, preserve_rng: bool = True,
+                 drift_tol: float | None = 1e-3) -> None:
         super().__init__()
         if len(blocks) == 1 and isinstance(blocks[0], (list, tuple)):
             blocks = tuple(blocks[0])
@@ -167,9 +171,11 @@ class ReversibleSequential(nn.Module):
         self.split_dim = blocks[0].split_dim
         self.reversible = bool(reversible)
         self.preserve_rng = bool(preserve_rng)
+        self.drift = None if drift_tol is None else DriftMonitor(drift_tol)
 
     def forward(self, x: Tensor) -> Tensor:
-        return _coupled_forward(list(self.blocks), x, self.split_dim, self.reversible, self.preserve_rng)
+        rev = self.reversible and not (self.drift is not None and self.drift.tripped)
+        return _coupled_forward(list(self.blocks), x, self.split_dim, rev, self.preserve_rng, self.drift)
 
     @torch.no_grad()
     def inverse(self, y: Tensor) -> Tensor:
