@@ -142,7 +142,7 @@ def test_two_concurrent_writers_both_land(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-m", "gradkit", "run", "fake-barrier", "--seeds", seeds],
                               env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for seeds in ("0,1,2,3,4", "5,6,7,8,9")]
-    outs = [p.communicate(timeout=120) for p in procs]
+    outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert sorted(s for _, s in rows(db)) == list(range(10))
 

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._validate import choice
+
 Batch = Any
 
 
@@ -112,6 +114,27 @@ class History:
         if not s:
             raise KeyError(f"no metric {name!r} logged")
         return s[-1]
+
+    def best_before_divergence(self, name: str, mode: str = "max", loss: str = "train_loss") -> float:
+        """Best value of ``name`` over the epochs before ``loss`` first turned non-finite.
+
+        What a run reached before it diverged is kept (NaN only if it diverged in its first epoch);
+        :meth:`diverged` says whether it did.
+        """
+        choice("mode", mode, ("max", "min"))
+        kept = []
+        for r in self.records:
+            if not math.isfinite(r.get(loss, 0.0)):
+                break
+            if name in r and math.isfinite(r[name]):
+                kept.append(r[name])
+        if not kept:
+            return float("nan")
+        return max(kept) if mode == "max" else min(kept)
+
+    def diverged(self, loss: str = "train_loss") -> bool:
+        """True when ``loss`` was non-finite in some epoch (training stopped there)."""
+        return any(not math.isfinite(v) for v in self.series(loss))
 
     def best(self, name: str, mode: str = "max") -> float:
         """Best value of ``name`` over epochs; NaN if any logged value was NaN."""
