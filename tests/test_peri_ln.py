@@ -305,6 +305,24 @@ def test_criterion_picks_largest_non_diverged_lr():
     assert not ok and "diverged at every lr" in checks[0].detail
 
 
+def test_spikes_are_judged_only_where_pre_ln_spiked():
+    from gradkit.harness.claims.peri_ln import PeriLNRule
+
+    def arm(spikes):
+        return {"growth": 5.0, "final_loss": 2.0, "diverged": 0.0, "loss_spikes": 0.0, "grad_spikes": spikes}
+
+    def seed(pre, peri):
+        s = {"pre@0.01": arm(pre), "peri@0.01": arm(peri)}
+        s["peri@0.01"]["growth"] = 1.0
+        return s
+
+    ok, checks = PeriLNRule().evaluate([seed(0.0, 1.0)] * 3)  # one peri spike against a pre-LN that never spiked
+    assert ok and any("not judged" in c.description and "peri 1 vs pre 0" in c.detail for c in checks)
+    ok, checks = PeriLNRule().evaluate([seed(2.0, 3.0)] * 3)  # pre-LN spiked: now it is judged
+    assert not ok and any(c.description.startswith("grad_spikes[peri@0.01]") and not c.passed for c in checks)
+    assert PeriLNRule().evaluate([seed(3.0, 1.0)] * 3)[0]
+
+
 def test_benchmark_registered_and_runs():
     import gradkit.harness.benchmarks.peri_ln  # noqa: F401
     from gradkit.harness.bench import BENCHMARKS
