@@ -157,6 +157,7 @@ def test_report_from_database(tmp_path):
     md = (out / "report.md").read_text()
     assert "| [fake-pass](#fake-pass-quick-bundled) | quick | fake |" in md and "PASS" in md and "FAIL" in md
     assert "Negative control" in md and "**Protocol:**" in md
+    assert md.count("**At this scale:** a wider model would settle it") == 1  # under the FAIL only
     assert (out / "report.html").exists()
     png = out / "plots" / "fake-pass-quick-bundled-acc.png"
     assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"

@@ -4,7 +4,8 @@
 document model, so the two carry the same content: counts by verdict, a table of contents, one
 summary row per claim, scale, data mode and overrides (paper figure, ours and baseline as mean ± std
 over the stored seeds, the check that decided the verdict, seeds, runtime), then per claim the
-finding (where a FAIL is the paper's), statement, paper figure, criterion with every check and its
+finding (where a FAIL is the paper's) or, for a verdict other than PASS, what at our scale keeps it
+from passing, statement, paper figure, criterion with every check and its
 numbers, the negative control, the protocol, a per-arm table, notes, a plot per declared curve and the
 image grids it stored (``info["images"]``), and the latest benchmark ratios.
 """
@@ -377,6 +378,12 @@ def write_report(store: ResultStore, out_dir: Path, scales: Sequence[str] | None
         blocks.append(_p(("i", c.title), f" (arXiv:{c.arxiv}). Verdict: ", ("v", v.verdict), f" — {v.reason}."))
         if c.findings:
             blocks.append(_p(("b", "Finding:"), " ", c.findings))
+        if v.verdict != "PASS":
+            if c.scale_note:
+                blocks.append(_p(("b", "At this scale:"), " ", c.scale_note))
+            elif not c.findings:
+                blocks.append(_p(("b", "Unexplained:"), " this claim records neither a finding about the paper nor "
+                                 "what at our scale keeps it from passing."))
         blocks.append(_p(("b", "Statement:"), " ", c.statement))
         blocks.append(_p(("b", "Paper:"), " ", c.paper_figure))
         blocks.append(_p(("b", "Criterion:"), " ", c.criterion_for(s.data).describe()))

@@ -180,6 +180,8 @@ class Claim:
     bounds: metric name -> (low, high), the range a metric lies in by definition (an accuracy in
     [0, 100], an SSIM in [-1, 1]); the suite's smoke test checks every arm's value against it.
     findings: one or two sentences where a FAIL is the paper's, shown first in the report.
+    scale_note: one sentence for a FAIL or INCONCLUSIVE that comes from our scale or task, not the
+    paper: what the gap is and what would settle it. The report shows it under any verdict but PASS.
     """
 
     slug: str
@@ -203,6 +205,7 @@ class Claim:
     threads: int | None = 1
     notes: str = ""
     findings: str = ""
+    scale_note: str = ""
     plots: tuple[str, ...] = ()
     bounds: Mapping[str, tuple[float, float]] = field(default_factory=dict)
 

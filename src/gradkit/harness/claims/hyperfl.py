@@ -357,6 +357,13 @@ CLAIM = register(Claim(
           "one left FedAvg undertrained, i.e. the baseline was made stronger, not weaker. "
           "info['arms']['hyperfl']['strongest_attack'] names the attack behind HyperFL's psnr and ssim. "
           "Protocol: gradkit show hyperfl.",
+    findings=(
+        "The privacy half fails against an attack the paper does not run: every hypernetwork output head is a "
+        "Linear with bias, so a batch-1 gradient of the shared hypernetwork gives the generated first layer's "
+        "dL/dW1 and dL/db1, and the analytic read-out A0 returns the victim's input exactly (100 dB, the cap, on "
+        "every seed, against ~69 dB for IG on FedAvg); the paper's own setting, IG with a guessed embedding "
+        "(A2), reaches only ~5 dB, which is why the paper saw HyperFL's shared gradients as safe."
+    ),
     plots=("client_acc",),
     bounds={"client_acc": (0.0, 100.0), "round0_acc": (0.0, 100.0), "diverged": (0.0, 1.0),
             **{k: (0.0, 100.0) for k in ("psnr", "psnr_a0", "psnr_a1", "psnr_a2", "psnr_a0_multistep")},

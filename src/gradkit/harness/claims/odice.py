@@ -259,6 +259,11 @@ CLAIM = register(Claim(
         "cos(g_f, g_b) < 0, max_abs_perp_cos = max over steps of |cos(g_b_perp, g_f)| (0 up to rounding). "
         "A non-finite loss makes that arm's metrics NaN."
     ),
+    scale_note=(
+        "Every arm reaches 100% success on the deterministic grid world, so success cannot separate them; "
+        "comparing each arm's V with the exact V* from dynamic programming, on a stochastic data set from a "
+        "suboptimal policy, would settle it."
+    ),
     plots=("success", "feature_cos", "v_mean"),
     bounds={"success": (0.0, 100.0), "success_last5": (0.0, 100.0), "feature_cos": (-1.0, 1.0),
             "v_rank_corr": (-1.0, 1.0), "weight_pos_frac": (0.0, 1.0), "diverged": (0.0, 1.0),

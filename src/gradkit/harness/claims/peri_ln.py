@@ -307,6 +307,10 @@ CLAIM = register(Claim(
         "does not settle it). Curves: per-step train_loss, total grad_norm and rms_last_layer "
         "(training batch); rms_by_layer_init/end over layers on the held-out batch."
     ),
+    scale_note=(
+        "Pre-LN does not spike at any learning rate of this grid, so the spike half of the paper's claim is "
+        "listed, not tested; a learning rate where Pre-LN spikes would test it."
+    ),
     plots=("train_loss", "grad_norm", "rms_last_layer"),
     bounds={"diverged": (0.0, 1.0)},
 ))
