@@ -469,7 +469,7 @@ def claim():
 
 def test_claim_registered(claim):
     assert claim.arxiv == "2402.00348" and claim.primary.ours == "orthogonal"
-    assert claim.primary.baseline == "true" and "success" in claim.plots
+    assert claim.primary.baseline == "true" and claim.primary.metric == "v_err" and "v_err" in claim.plots
     assert "gradkit.optim.orthogonal.OrthogonalGradient" in claim.uses
     assert claim.resolve(None).control == {"orthogonal": "true"}
 
@@ -485,8 +485,10 @@ def test_claim_smoke(claim, smoke_run):
     # <g_b_perp, g_f> ~ 0 at every step of the orthogonal arm
     assert out.metrics["orthogonal"]["max_abs_perp_cos"] < 1e-3
     assert out.info["steps"] == 300 and out.info["transitions"] > 200
+    for arm, m in out.metrics.items():
+        assert m["v_err"] >= 0 and m["score"] <= 100 + 1e-6  # nothing beats V*
     ok, checks = claim.criterion_for(out.data).evaluate([out.metrics])
-    assert len(checks) == 2
+    assert len(checks) == 3
 
 
 def _one_arm(claim, arm, seed, **overrides):
@@ -514,6 +516,43 @@ def test_claim_arm_rerun_bit_identical(claim):
     m = a.metrics
     assert m["fb_cos"] < -0.5 and m["conflict_frac"] > 0.5  # the forward/backward conflict
     assert 0 < m["max_abs_perp_cos"] < 1e-3  # <g_b_perp, g_f> ~ 0 at every step
+
+
+# ----------------------------------------------------------------------------- exact values
+def test_optimal_values_match_the_closed_form_on_the_deterministic_grid():
+    env = GridWorld(6, goal=(5, 5))
+    d = np.abs(env.start_cells() - np.asarray(env.goal)).sum(-1)
+    v = env.optimal_values(0.9, goal_reward=0.0, step_reward=-3.0)
+    np.testing.assert_allclose(v, -3.0 * (1 - 0.9 ** (d - 1)) / (1 - 0.9), atol=1e-8)
+    v1 = env.optimal_values(0.9)  # +1 on entering the goal: gamma^(d-1)
+    np.testing.assert_allclose(v1, 0.9 ** (d - 1.0), atol=1e-8)
+
+
+def test_policy_values_of_the_shortest_path_policy_are_optimal_and_slip_costs_value():
+    env = GridWorld(5, goal=(4, 4))
+    acts = np.array([env.shortest_path_actions(int(x), int(y))[0] for x, y in env.start_cells()])
+    np.testing.assert_allclose(env.policy_values(acts, 0.95), env.optimal_values(0.95), atol=1e-8)
+    slippery = GridWorld(5, goal=(4, 4), slip=0.3)
+    vs = slippery.optimal_values(0.95)
+    assert (vs < env.optimal_values(0.95) + 1e-12).all()  # slipping can only delay the goal
+    assert (slippery.policy_values(acts, 0.95) <= vs + 1e-9).all()
+    uniform = slippery.policy_values(np.full((len(vs), 4), 0.25), 0.95)
+    assert (uniform < vs).all()
+
+
+def test_transition_rows_are_distributions_and_slip_needs_a_generator():
+    env = GridWorld(4, goal=(3, 3), slip=0.25)
+    P = env.transition_matrices()
+    np.testing.assert_allclose(P.sum(-1), 1.0)
+    with pytest.raises(TypeError, match="numpy.random.Generator"):
+        env.step(np.array([[0, 0]]), np.array([3]))
+    nxt, _, _ = env.step(np.array([[0, 0]] * 4000), np.full(4000, 3), rng=np.random.default_rng(0))
+    moved_right = float((nxt[:, 0] == 1).mean())  # 0.75 + 0.25 / 4 in expectation
+    assert abs(moved_right - 0.8125) < 0.03
+    with pytest.raises(ValueError, match="slip"):
+        GridWorld(4, goal=(3, 3), slip=1.5)
+    with pytest.raises(ValueError, match="actions"):
+        env.policy_values(np.zeros(3, dtype=int))
 
 
 # ----------------------------------------------------------------------------- benchmark, docs

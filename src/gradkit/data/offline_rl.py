@@ -33,7 +33,11 @@ FSTAR_KINDS = ("chi2", "rkl")
 
 @dataclass(frozen=True)
 class GridWorld:
-    """Deterministic ``size x size`` gridworld with 4 actions and one absorbing goal (+1 on entry).
+    """``size x size`` gridworld with 4 actions and one absorbing goal (+1 on entry).
+
+    Deterministic by default; ``slip`` in [0, 1] makes it stochastic (a uniformly random action
+    replaces the chosen one with that probability). :meth:`optimal_values` and :meth:`policy_values`
+    give exact values by dynamic programming.
 
     Example::
 
@@ -44,19 +48,28 @@ class GridWorld:
 
     size: int = 8
     goal: tuple[int, int] = (7, 7)
+    slip: float = 0.0  # probability that a uniformly random action replaces the chosen one
 
     def __post_init__(self) -> None:
         integer("size", self.size, low=2)
         gx, gy = self.goal
         if not (0 <= gx < self.size and 0 <= gy < self.size):
             raise ValueError(f"goal must be a cell of the {self.size}x{self.size} grid, got {self.goal!r}")
+        probability("slip", self.slip)
 
     @property
     def n_actions(self) -> int:
         return 4
 
-    def step(self, cells: np.ndarray | Tensor, actions: np.ndarray | Tensor):
-        """Batched step: ``(next_cells, rewards, dones)``; works on numpy arrays or torch tensors."""
+    def step(self, cells: np.ndarray | Tensor, actions: np.ndarray | Tensor, rng=None):
+        """Batched step: ``(next_cells, rewards, dones)``; works on numpy arrays or torch tensors.
+
+        With ``slip > 0`` each action is replaced by a uniformly random one with probability ``slip``,
+        drawn from ``rng`` (a ``numpy.random.Generator`` for arrays, a ``torch.Generator`` or None
+        for tensors; required for arrays).
+        """
+        if self.slip > 0:
+            actions = self._slipped(cells, actions, rng)
         if isinstance(cells, Tensor):
             moves = torch.as_tensor(MOVES, device=cells.device)
             nxt = (cells + moves[actions]).clamp(0, self.size - 1)
@@ -66,6 +79,94 @@ class GridWorld:
         nxt = np.clip(cells + MOVES[actions], 0, self.size - 1)
         done = (nxt == np.asarray(self.goal)).all(-1)
         return nxt, done.astype(np.float32), done
+
+    def _slipped(self, cells, actions, rng):
+        if isinstance(cells, Tensor):
+            dev = rng.device if rng is not None else cells.device
+            n = len(actions)
+            u = torch.rand(n, generator=rng, device=dev).to(cells.device)
+            rand = torch.randint(4, (n,), generator=rng, device=dev).to(cells.device)
+            return torch.where(u < self.slip, rand, actions)
+        if not isinstance(rng, np.random.Generator):
+            raise TypeError(f"a slippery GridWorld (slip={self.slip}) steps numpy arrays with rng=numpy.random."
+                            f"Generator, got {type(rng).__name__}")
+        actions = np.asarray(actions)
+        u = rng.random(actions.shape)
+        return np.where(u < self.slip, rng.integers(4, size=actions.shape), actions)
+
+    def _index(self, cells: np.ndarray) -> np.ndarray:
+        return cells[..., 1] * self.size + cells[..., 0]
+
+    def transition_matrices(self) -> np.ndarray:
+        """``P[a, s, s']`` over all ``size**2`` cells (row-major (y, x) index), slip included; the goal
+        is absorbing (its rows are self-loops and are never used as a source)."""
+        n = self.size ** 2
+        ys, xs = np.meshgrid(np.arange(self.size), np.arange(self.size), indexing="ij")
+        cells = np.stack([xs.ravel(), ys.ravel()], -1)
+        det = np.zeros((4, n, n))
+        for a in range(4):
+            nxt = np.clip(cells + MOVES[a], 0, self.size - 1)
+            det[a, np.arange(n), self._index(nxt)] = 1.0
+        P = (1 - self.slip) * det + self.slip * det.mean(0, keepdims=True)
+        g = self._index(np.asarray(self.goal))
+        P[:, g, :] = 0.0
+        P[:, g, g] = 1.0
+        return P
+
+    def _rewards(self, goal_reward: float, step_reward: float) -> tuple[np.ndarray, int]:
+        g = int(self._index(np.asarray(self.goal)))
+        r = np.full(self.size ** 2, float(step_reward))  # reward on entering s'
+        r[g] = float(goal_reward)
+        return r, g
+
+    def optimal_values(self, gamma: float = 0.99, goal_reward: float = 1.0, step_reward: float = 0.0,
+                       tol: float = 1e-10) -> np.ndarray:
+        """V* over :meth:`start_cells` by value iteration (exact dynamic programming, slip included).
+
+        ``Q(s, a) = sum_s' P(s' | s, a) (r(s') + gamma [s' != goal] V(s'))``, ``V = max_a Q``.
+        """
+        gamma = real_scalar("gamma", gamma)
+        if not 0 <= gamma < 1:
+            raise ValueError(f"gamma must be in [0, 1), got {gamma}")
+        P = self.transition_matrices()
+        r, g = self._rewards(goal_reward, step_reward)
+        cont = np.ones_like(r)
+        cont[g] = 0.0
+        v = np.zeros_like(r)
+        for _ in range(100_000):
+            q = P @ (r + gamma * cont * v)
+            new = q.max(0)
+            new[g] = 0.0
+            if np.abs(new - v).max() < tol:
+                v = new
+                break
+            v = new
+        return v[self._index(self.start_cells())]
+
+    def policy_values(self, actions: np.ndarray, gamma: float = 0.99, goal_reward: float = 1.0,
+                      step_reward: float = 0.0) -> np.ndarray:
+        """V of the deterministic policy taking ``actions[i]`` in ``start_cells()[i]`` (exact linear solve).
+
+        ``actions`` may also be ``(n_starts, 4)`` action probabilities (a stochastic policy).
+        """
+        gamma = real_scalar("gamma", gamma)
+        if not 0 <= gamma < 1:
+            raise ValueError(f"gamma must be in [0, 1), got {gamma}")
+        starts = self.start_cells()
+        probs = np.asarray(actions, dtype=np.float64)
+        if probs.ndim == 1:
+            if probs.shape != (len(starts),):
+                raise ValueError(f"actions must have one entry per start cell ({len(starts)}), got {probs.shape}")
+            probs = np.eye(4)[probs.astype(np.int64)]
+        if probs.shape != (len(starts), 4):
+            raise ValueError(f"actions must be ({len(starts)},) or ({len(starts)}, 4), got {probs.shape}")
+        P = self.transition_matrices()
+        r, g = self._rewards(goal_reward, step_reward)
+        idx = self._index(starts)
+        Ppi = np.einsum("ia,aij->ij", probs, P[:, idx, :])  # (n_starts, n_cells)
+        r_pi = Ppi @ r
+        A = np.eye(len(idx)) - gamma * Ppi[:, idx]  # the goal contributes no continuation
+        return np.linalg.solve(A, r_pi)
 
     def shortest_path_actions(self, x: int, y: int) -> list[int]:
         """Actions that reduce the Manhattan distance to the goal (empty at the goal)."""
@@ -165,7 +266,7 @@ def make_gridworld_dataset(env: GridWorld | None = None, episodes: int = 200, ma
                 a = int(opts[rng.integers(len(opts))])
             else:
                 a = int(rng.integers(4))
-            nxt, _, d = env.step(np.array([[x, y]]), np.array([a]))
+            nxt, _, d = env.step(np.array([[x, y]]), np.array([a]), rng=rng)
             nx, ny = (int(v) for v in nxt[0])
             rows.append((x, y, a, nx, ny, goal_reward if d[0] else step_reward, bool(d[0]), int(expert)))
             x, y = nx, ny
@@ -185,11 +286,13 @@ def make_gridworld_dataset(env: GridWorld | None = None, episodes: int = 200, ma
 
 @torch.no_grad()
 def evaluate_greedy(policy: Callable[[Tensor], Tensor], env: GridWorld, max_steps: int = 50,
-                    device: torch.device | str = "cpu") -> dict[str, float]:
+                    device: torch.device | str = "cpu", generator: torch.Generator | None = None
+                    ) -> dict[str, float]:
     """Run the greedy policy (argmax of ``policy(obs)``) from every non-goal cell at once.
 
     Returns ``success`` (percent of starts that reach the goal within ``max_steps``) and
-    ``steps`` (mean steps to the goal over the successful starts; NaN if none).
+    ``steps`` (mean steps to the goal over the successful starts; NaN if none). A slippery env
+    draws its slips from ``generator``.
     """
     max_steps = integer("max_steps", max_steps, low=1)
     cells = torch.as_tensor(env.start_cells(), device=device)
@@ -199,7 +302,7 @@ def evaluate_greedy(policy: Callable[[Tensor], Tensor], env: GridWorld, max_step
         if bool(done.all()):
             break
         a = policy(env.observe(cells).to(device)).argmax(-1)
-        nxt, _, d = env.step(cells, a)
+        nxt, _, d = env.step(cells, a, rng=generator)
         live = ~done
         cells = torch.where(live[:, None], nxt, cells)
         steps += live.long()
