@@ -152,6 +152,35 @@ def test_strategy_rejects_malformed_updates_logs_why_and_averages_the_rest(flwr_
     torch.testing.assert_close(seen[0][3]["w"], ref["w"])
 
 
+def test_a_lying_node_cannot_take_over_the_average(flwr_log):
+    ref = ref_state()
+    honest1 = {k: v + 1 for k, v in ref.items()}
+    honest2 = {k: v + 3 for k, v in ref.items()}
+    liar = {k: v + 100 for k, v in ref.items()}
+    replies = [_reply(1, honest1, n=40), _reply(2, honest2, n=40), _reply(3, liar, n=10**6)]
+    uncapped = GradkitFedAvg()
+    uncapped.set_global(1, ref)
+    w = record_to_tensors(uncapped.aggregate_train(1, replies)[0])["w"]
+    assert (w - ref["w"]).min() > 99  # without a bound the liar's update is the new model
+    strat = GradkitFedAvg(max_weight=45)
+    strat.set_global(1, ref)
+    out = record_to_tensors(strat.aggregate_train(1, replies)[0])
+    torch.testing.assert_close(out["w"], (40 * honest1["w"] + 40 * honest2["w"] + 45 * liar["w"]) / 125)
+    assert strat.capped == [(1, 3, 1e6, 45.0)]
+    assert any("node 3 reported" in line and "45" in line for line in flwr_log)
+    with pytest.raises(ValueError, match="max_weight"):
+        GradkitFedAvg(max_weight=0)
+
+
+def test_the_weight_cap_is_the_largest_shard():
+    from gradkit.distributed.flower import max_shard
+
+    sizes = [len(load_partition(i, 3).y_train) for i in range(3)]
+    assert max_shard(3) == max(sizes) and run_config({"max-examples": 50})["max-examples"] == 50
+    with pytest.raises(ValueError, match="max-examples"):
+        run_config({"max-examples": -1})
+
+
 def test_strategy_all_rejected_gives_no_new_model_and_observer_errors_do_not_stop_it(flwr_log):
     ref = ref_state()
     strat = GradkitFedAvg(on_update=lambda *a: 1 / 0)
@@ -397,6 +426,132 @@ def _stop(procs):
             alive = [pid for pid in victims if Path(f"/proc/{pid}").exists()]
             if not alive:
                 break
+
+
+def _tls_material(folder: Path) -> tuple[Path, Path, Path]:
+    """A throw-away CA and a server certificate for 127.0.0.1 / localhost, signed by it (PEM files)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def name(cn):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
+    ca = (x509.CertificateBuilder().subject_name(name("gradkit test CA")).issuer_name(name("gradkit test CA"))
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    cert = (x509.CertificateBuilder().subject_name(name("127.0.0.1")).issuer_name(ca.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    paths = folder / "ca.pem", folder / "server.pem", folder / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return paths
+
+
+def _node_keys(folder: Path, name: str) -> tuple[Path, Path]:
+    """A SuperNode's P-384 authentication key pair in OpenSSH format."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    priv, pub = folder / f"{name}_key", folder / f"{name}_key.pub"
+    priv.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                       serialization.NoEncryption()))
+    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    return priv, pub
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.name != "posix", reason="process groups (start_new_session, killpg) are POSIX")
+@pytest.mark.skipif(not (BIN / "flower-superlink").exists(), reason="flower-superlink is not installed next to python")
+def test_tls_authenticated_loopback_refuses_strangers_and_bounds_a_liar(tmp_path):
+    """TLS SuperLink with SuperNode authentication: two registered nodes (one over-reports its examples by
+    1000x) and one with an unregistered key; 2 rounds finish with the registered two, the liar capped."""
+    from gradkit.distributed.flower import max_shard
+
+    t0 = time.time()
+    home = tmp_path / "flwr_home"
+    home.mkdir()
+    ca, cert, key = _tls_material(tmp_path)
+    port = _free_port()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
+                                      f'address = "127.0.0.1:{port}"\nroot-certificates = "{ca}"\n')
+    summary = tmp_path / "summary.json"
+    app_dir = tmp_path / "app"
+    write_app(app_dir, **{"num-server-rounds": 2, "result-path": str(summary), "fraction-evaluate": 0.0,
+                          "round-timeout": 90.0})
+    load_partition(0, 2)  # writes the digits cache that the client processes read
+    env = dict(os.environ, FLWR_HOME=str(home), PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+               PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.2")
+    procs, logs = [], {}
+
+    def start(name, args):
+        logs[name] = open(tmp_path / f"{name}.log", "w")
+        procs.append(subprocess.Popen(args, stdout=logs[name], stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
+                                      start_new_session=True))
+
+    def tails():
+        return "\n".join(f"--- {n}\n" + (tmp_path / f"{n}.log").read_text()[-3000:] for n in logs)
+
+    def flwr(*args):
+        left = max(10.0, HANG_GUARD_S - (time.time() - t0))
+        return subprocess.run([str(BIN / "flwr"), *args], env=env, cwd=tmp_path, capture_output=True, text=True,
+                              timeout=left)
+
+    keys = [_node_keys(tmp_path, f"node{i}") for i in range(3)]
+    try:
+        start("superlink", [str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert),
+                            "--ssl-keyfile", str(key), "--enable-supernode-auth", "--host", "127.0.0.1", "--port",
+                            str(port), "--database", str(tmp_path / "state.db"),
+                            "--disable-runtime-dependency-installation"])
+        for i in (0, 1):  # node 2's key is never registered
+            while True:  # retry until the SuperLink answers
+                r = flwr("supernode", "register", str(keys[i][1]), "local")
+                if r.returncode == 0 or time.time() - t0 > HANG_GUARD_S / 3:
+                    break
+                time.sleep(0.5)
+            assert r.returncode == 0, r.stdout + r.stderr + tails()
+        for i, extra in enumerate(["", " inflate=1000", ""]):
+            start(f"node{i}", [str(BIN / "flower-supernode"), "--root-certificates", str(ca),
+                               "--auth-supernode-private-key", str(keys[i][0]),
+                               "--superlink", f"127.0.0.1:{port}", "--port", str(_free_port()),
+                               "--node-config", f"partition-id={i % 2} num-partitions=2{extra}"])
+        r = flwr("run", str(app_dir), "local", "--stream")
+        out = r.stdout + r.stderr
+        assert r.returncode == 0, out + tails()
+        s = json.loads(summary.read_text())
+        nodes = {cid for _, cid in s["accepted"]}
+        assert len(s["accepted"]) == 4 and len(nodes) == 2 and not s["rejections"], s
+        cap = max_shard(2)
+        assert [c["round"] for c in s["capped"]] == [1, 2] and {c["used"] for c in s["capped"]} == {cap}, s
+        assert all(c["reported"] == 1000 * c["used"] or c["reported"] > 100 * cap for c in s["capped"])
+        assert len({c["client_id"] for c in s["capped"]} & nodes) == 1 and s["final_finite"]
+        assert "reported" in out and "more than any node holds" in out  # logged in the server's stream
+        stranger = (tmp_path / "node2.log").read_text().lower()
+        assert "failed to activate supernode" in stranger, tails()  # refused by the SuperLink
+        assert all("failed to activate supernode" not in (tmp_path / f"node{i}.log").read_text().lower()
+                   for i in (0, 1))
+        print(f"TLS loopback run: {time.time() - t0:.1f} s")  # not asserted (no wall-time tests)
+    finally:
+        _stop(procs)
+        for f in logs.values():
+            f.close()
+    assert all(p.poll() is not None for p in procs)
 
 
 @pytest.mark.slow

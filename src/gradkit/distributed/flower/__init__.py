@@ -19,13 +19,13 @@ Example::
 """
 from .app import DEFAULT_RUN_CONFIG, run_config, write_app
 from .attack import InversionObserver, ObservedReconstruction, update_to_gradients
-from .task import load_partition, local_train, make_model
+from .task import load_partition, local_train, make_model, max_shard
 from .validation import check_update, check_weight
 
 __all__ = ["GradkitFedAvg", "Rejection", "record_to_tensors", "tensors_to_record", "InversionObserver",
            "ObservedReconstruction", "update_to_gradients", "check_update", "check_weight",
            "write_app", "run_config", "DEFAULT_RUN_CONFIG", "make_model", "load_partition",
-           "local_train"]
+           "local_train", "max_shard"]
 
 _NEEDS_FLWR = {"GradkitFedAvg", "Rejection", "record_to_tensors", "tensors_to_record"}
 

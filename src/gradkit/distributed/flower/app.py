@@ -44,6 +44,8 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "seed": 0,                    # model initialisation and local shuffling
     "data-seed": 0,               # how the digits are split into client shards
     "min-nodes": 2,               # clients to wait for and sample every round
+    "max-examples": 0,            # cap on a node's weight (its reported num-examples); 0 = the largest digits
+                                  # training shard when the data are split into min-nodes partitions
     "fraction-evaluate": 1.0,     # share of clients evaluating each round (0 = none)
     "round-timeout": 120.0,       # seconds the server waits for replies in a round
     "attack-iters": 0,            # honest-but-curious server: inversion iterations per update (0 = off)
@@ -74,7 +76,7 @@ def run_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     for k in ("num-server-rounds", "local-epochs", "batch-size", "hidden", "embed-dim", "hyper-hidden", "min-nodes"):
         if out[k] < 1:
             raise ValueError(f"run-config {k!r} must be >= 1, got {out[k]!r}")
-    for k in ("head-epochs", "attack-iters", "seed", "data-seed"):
+    for k in ("head-epochs", "attack-iters", "seed", "data-seed", "max-examples"):
         if out[k] < 0:
             raise ValueError(f"run-config {k!r} must be >= 0, got {out[k]!r}")
     for k in ("lr", "head-lr", "round-timeout"):

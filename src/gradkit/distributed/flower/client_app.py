@@ -5,7 +5,8 @@ ArrayRecord); the client loads it, restores its private state (HyperFL's embeddi
 ``psi``, kept in ``context.state`` between rounds and never sent), trains locally and replies with
 ``shared_state()`` and ``num-examples``. Node config: ``partition-id``, ``num-partitions`` and, for
 testing a server's defences, ``corrupt`` = ``"nan"`` | ``"inf"`` | ``"shape"`` | ``"missing"`` |
-``"dtype"`` (this client then sends a malformed update on purpose).
+``"dtype"`` (this client then sends a malformed update on purpose), ``inflate`` = a factor by which
+it over-reports its ``num-examples`` (a lying node; the server caps its weight).
 
     flower-supernode --insecure --superlink 127.0.0.1:9092 --node-config "partition-id=0 num-partitions=2"
 """
@@ -78,7 +79,10 @@ def train(msg: Message, context: Context) -> Message:
     if private:
         context.state[PRIVATE_KEY] = tensors_to_record(private)
     shared = corrupt_update(model.shared_state(), str(context.node_config.get("corrupt", "none")))
-    metrics = MetricRecord({"train_loss": float(loss), "num-examples": int(data.n_train)})
+    inflate = float(context.node_config.get("inflate", 1))
+    if not inflate >= 1:
+        raise ValueError(f"node config 'inflate' must be a number >= 1, got {inflate!r}")
+    metrics = MetricRecord({"train_loss": float(loss), "num-examples": int(data.n_train * inflate)})
     return Message(content=RecordDict({"arrays": tensors_to_record(shared), "metrics": metrics}), reply_to=msg)
 
 

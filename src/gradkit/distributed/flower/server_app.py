@@ -3,7 +3,8 @@
 Paper slug: hyperfl (the Flower path). The server builds the same seeded model as the clients, sends
 its ``shared_state()`` (the whole model for FedAvg, the hypernetwork ``phi`` for HyperFL) and runs
 :class:`GradkitFedAvg` for ``num-server-rounds``: malformed replies are logged and dropped, the rest
-averaged weighted by ``num-examples``. With ``attack-iters > 0`` (FedAvg) the server is also
+averaged weighted by ``num-examples``, each capped at ``max-examples`` (default: the largest digits shard
+at ``min-nodes`` partitions) so that no node can take over the average by over-reporting. With ``attack-iters > 0`` (FedAvg) the server is also
 honest-but-curious: it inverts every accepted update (:class:`InversionObserver`). With
 ``result-path`` set it writes a JSON summary (rounds, rejections, metrics, attack losses).
 
@@ -25,7 +26,7 @@ from ...engine import cpu_threads
 from .app import run_config
 from .attack import InversionObserver
 from .strategy import GradkitFedAvg, record_to_tensors, tensors_to_record
-from .task import IMAGE_SHAPE, make_model
+from .task import IMAGE_SHAPE, make_model, max_shard
 
 __all__ = ["app", "summary"]
 
@@ -41,6 +42,8 @@ def summary(strategy: GradkitFedAvg, result, cfg: dict, observer: InversionObser
         "rejections": [{"round": r.server_round, "client_id": r.client_id, "reason": r.reason}
                        for r in strategy.rejections],
         "accepted": [list(a) for a in strategy.accepted],
+        "capped": [{"round": r, "client_id": c, "reported": rep, "used": used}
+                   for r, c, rep, used in strategy.capped],
         "observer_errors": len(strategy.observer_errors),
         "train_metrics": {str(k): dict(v) for k, v in result.train_metrics_clientapp.items()},
         "evaluate_metrics": {str(k): dict(v) for k, v in result.evaluate_metrics_clientapp.items()},
@@ -67,9 +70,11 @@ def main(grid: Grid, context: Context) -> None:
             log(WARNING, "gradkit: attack-iters ignored for method=%s: the generic inversion needs every target "
                 "weight on the wire; HyperFL's attacks are in gradkit.privacy (hyperfl)", cfg["method"])
     n = cfg["min-nodes"]
+    cap = cfg["max-examples"] or max_shard(n, cfg["data-seed"])
     strategy = GradkitFedAvg(
         fraction_train=1.0, fraction_evaluate=cfg["fraction-evaluate"], min_train_nodes=n,
-        min_evaluate_nodes=n if cfg["fraction-evaluate"] > 0 else 0, min_available_nodes=n, on_update=observer)
+        min_evaluate_nodes=n if cfg["fraction-evaluate"] > 0 else 0, min_available_nodes=n, on_update=observer,
+        max_weight=cap)
     with cpu_threads(1):
         result = strategy.start(grid=grid, initial_arrays=tensors_to_record(model.shared_state()),
                                 num_rounds=cfg["num-server-rounds"], timeout=cfg["round-timeout"],

@@ -5,7 +5,11 @@ Each training reply is checked against the global arrays the server sent that ro
 dtypes, finite values, a positive finite ``num-examples``); a bad reply is logged with its reason,
 recorded in ``strategy.rejections`` and dropped, and the round carries on with the rest:
 
-    global <- sum_{i accepted} n_i / sum_{j accepted} n_j * arrays_i
+    global <- sum_{i accepted} n_i / sum_{j accepted} n_j * arrays_i,   n_i = min(reported_i, max_weight)
+
+A node's weight is what it reports, so a node that lies about its example count could take over the
+average; ``max_weight`` bounds it by what the server knows (the largest partition it assigned), and
+every capped weight is logged and recorded in ``strategy.capped``.
 
 ``on_update(server_round, client_id, arrays, global_arrays)`` (optional) sees every accepted update
 before averaging: the hook where an honest-but-curious server runs a gradient inversion attack
@@ -68,16 +72,24 @@ class GradkitFedAvg(FedAvg):
     ``on_update(server_round, client_id, arrays, global_arrays)``: called for every accepted update
     with CPU tensors (the client's arrays and the global arrays it trained from); an exception in it
     is logged and does not stop the round. ``check_dtype``: reject updates whose dtype differs from
-    the global arrays' (default True).
+    the global arrays' (default True). ``max_weight``: the most examples any node can hold; larger
+    reported counts are capped to it (None: no cap).
     Attributes: ``rejections`` (list of :class:`Rejection`), ``accepted`` (list of
-    ``(server_round, client_id)``), ``global_arrays`` (the tensors sent in the current round).
+    ``(server_round, client_id)``), ``capped`` (list of ``(server_round, client_id, reported, used)``),
+    ``global_arrays`` (the tensors sent in the current round).
     """
 
     def __init__(self, *args: Any, on_update: UpdateObserver | None = None, check_dtype: bool = True,
-                 **kwargs: Any) -> None:
+                 max_weight: float | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if on_update is not None and not callable(on_update):
             raise TypeError(f"on_update must be callable or None, got {type(on_update).__name__}")
+        if max_weight is not None:
+            reason = check_weight(max_weight)
+            if reason:
+                raise ValueError(f"max_weight: {reason}")
+        self.max_weight = None if max_weight is None else float(max_weight)
+        self.capped: list[tuple[int, int, float, float]] = []
         self.on_update = on_update
         self.check_dtype = bool(check_dtype)
         self.rejections: list[Rejection] = []
@@ -145,6 +157,11 @@ class GradkitFedAvg(FedAvg):
                 self._reject(server_round, cid, checked)
                 continue
             arrays, weight = checked
+            if self.max_weight is not None and weight > self.max_weight:
+                log(WARNING, "gradkit: round %s: node %s reported %s examples, more than any node holds; "
+                    "weighted as %s", server_round, cid, weight, self.max_weight)
+                self.capped.append((server_round, cid, weight, self.max_weight))
+                weight = self.max_weight
             good.append((msg, arrays, weight))
             self.accepted.append((server_round, cid))
             if self.on_update is not None:

@@ -29,7 +29,7 @@ from ...nn.hypernetwork import HyperClient
 from ..federated import ClientData, FedAvgClient, local_train_fedavg, local_train_hyperfl
 
 __all__ = ["METHODS", "IMAGE_SHAPE", "make_model", "load_partition", "local_train", "evaluate_model",
-           "private_state", "load_private_state"]
+           "private_state", "load_private_state", "max_shard"]
 
 METHODS = ("fedavg", "hyperfl")
 IMAGE_SHAPE = (1, 8, 8)
@@ -76,6 +76,13 @@ def load_partition(partition_id: int, num_partitions: int, *, seed: int = 0, tes
     te, tr = idx[:n_test], idx[n_test:]
     t = torch.from_numpy
     return ClientData(t(x[tr]), t(y[tr]), t(x[te]), t(y[te]))
+
+
+def max_shard(num_partitions: int, seed: int = 0, test_fraction: float = 0.2) -> int:
+    """The most training examples any of ``num_partitions`` digits shards holds (the server's weight cap)."""
+    num_partitions = positive_int("num_partitions", num_partitions)
+    return max(len(load_partition(i, num_partitions, seed=seed, test_fraction=test_fraction).y_train)
+               for i in range(num_partitions))
 
 
 def private_state(model: nn.Module) -> dict[str, torch.Tensor]:
