@@ -92,6 +92,8 @@ def power_surrogate(x: Tensor, o: float) -> Tensor:
     """ReSTE's surrogate forward ``f_o(x) = sign(x) |x|^(1/o)`` (plain autograd; paper slug: reste).
 
     Equation: f_o(x) = sign(x) * |x|^(1/o); o = 1 is the identity, o -> inf approaches sign(x).
+    For o > 1 the slope at x = 0 is infinite; autograd returns 0 there (the convention sign uses),
+    never NaN. ReSTE's backward does not use this slope but :func:`reste_derivative`.
 
     >>> x = torch.tensor([-0.25, 0.0, 0.25])
     >>> power_surrogate(x, 2.0)
@@ -101,7 +103,10 @@ def power_surrogate(x: Tensor, o: float) -> Tensor:
     o = real_scalar("o", o)
     if o <= 0.0:
         raise ValueError(f"o must be > 0, got {o}")
-    return torch.sign(x) * x.abs().pow(1.0 / o)
+    a = x.abs()
+    # |0|^(1/o) has an infinite slope: evaluate the power on a positive stand-in there, where sign(x) = 0
+    # zeroes the product anyway, so the gradient is 0 * finite instead of 0 * inf = NaN
+    return torch.sign(x) * torch.where(a > 0, a, torch.ones_like(a)).pow(1.0 / o)
 
 
 def reste_derivative(x: Tensor, o: float, t: float = RESTE_T, interval: float = RESTE_INTERVAL) -> Tensor:
