@@ -133,6 +133,66 @@ def test_reproduce_resumes_after_kill_9(tmp_path):
     assert r.returncode == 0 and len(rows(db)) == 4 and "stored" in r.stderr
 
 
+def test_jobs_run_tasks_in_worker_processes_with_the_same_results(tmp_path):
+    seq, par = tmp_path / "seq.db", tmp_path / "par.db"
+    r1 = gk("run", "fake-pass", "fake-fail", "--seeds", "4", "--json", db=seq)
+    r2 = gk("run", "fake-pass", "fake-fail", "--seeds", "4", "--jobs", "2", "--json", db=par)
+    assert (r1.returncode, r2.returncode) == (1, 1), r2.stderr
+    a, b = json.loads(r1.stdout), json.loads(r2.stdout)
+    assert [c["stats"] for c in a["claims"]] == [c["stats"] for c in b["claims"]]
+    assert a["summary"] == b["summary"]
+    assert sorted(rows(par)) == sorted(rows(seq)) and len(rows(par)) == 8
+    r = gk("run", "fake-crash", "fake-pass", "--seeds", "2", "--jobs", "2", db=tmp_path / "c.db")
+    assert r.returncode == 1 and "crashed" in r.stderr and "boom" in r.stderr and "fake-pass" in r.stdout
+
+
+def test_jobs_and_device_errors(tmp_path):
+    for args, fragment in ((("--jobs", "0"), "--jobs must be >= 1"),
+                           (("--device", "cpu,cpu", "--jobs", "1"), "needs --jobs >= 2"),
+                           (("--device", "cpu,"), "comma-separated")):
+        r = gk("run", "fake-pass", "--seeds", "1", *args, db=tmp_path / "e.db")
+        assert r.returncode == 2 and fragment in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = gk("run", "fake-pass", "--seeds", "2", "--device", "cpu,cpu", db=tmp_path / "d.db")  # one job per device
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.skipif(os.name != "posix", reason="process groups (start_new_session, killpg) are POSIX")
+def test_parallel_reproduce_resumes_after_kill_9_of_every_process(tmp_path):
+    db = tmp_path / "r.db"
+    gate = tmp_path / "gate"
+    env = {"GRADKIT_FAKE_GATE": str(gate), "GRADKIT_FAKE_GATE_FROM": "2"}
+    e = dict(os.environ, GRADKIT_CLAIMS="fake_claims", GRADKIT_DB=str(db), **env,
+             PYTHONPATH=os.pathsep.join([str(TESTS), str(REPO / "src")]))
+    p = subprocess.Popen([sys.executable, "-m", "gradkit", "reproduce", "--only", "fake-gate", "--seeds", "4",
+                          "--jobs", "2"], env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while True:  # seeds 0 and 1 stored by the workers; 2 and 3 block on the gate
+            if db.exists():
+                try:
+                    if len(rows(db)) >= 2:
+                        break
+                except sqlite3.OperationalError:
+                    pass
+            assert p.poll() is None, p.communicate()
+            assert time.monotonic() < deadline, "reproduce --jobs 2 did not store two runs"
+            time.sleep(0.05)
+        os.killpg(p.pid, signal.SIGKILL)  # the parent and its workers, as a power cut would
+        p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert sorted(rows(db)) == [("fake-gate", 0), ("fake-gate", 1)]
+    gate.touch()
+    r = gk("reproduce", "--only", "fake-gate", "--seeds", "4", "--jobs", "2", "--json", db=db, env=env,
+           timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert sorted(rows(db)) == [("fake-gate", s) for s in range(4)]  # 0 and 1 were not rerun
+    (c,) = json.loads(r.stdout)["claims"]
+    assert c["seeds"] == [0, 1, 2, 3] and c["passed"]
+
+
 def test_two_concurrent_writers_both_land(tmp_path):
     db = tmp_path / "r.db"
     barrier = tmp_path / "barrier"

@@ -100,13 +100,98 @@ def _data_root(args) -> Path | None:
     return p
 
 
-def _device(args):
+def _devices(args) -> list:
+    """``--device`` as a list: one device, or a comma-separated list that tasks are spread over."""
     from ..engine import resolve_device
 
+    names = [d.strip() for d in str(args.device).split(",")]
+    if not all(names):
+        raise UsageError(f"--device must be a device or a comma-separated list of devices, got {args.device!r}")
     try:
-        return resolve_device(args.device)
+        return [resolve_device(n) for n in names]
     except ValueError as e:
         raise UsageError(str(e)) from None
+
+
+def _run_seed_job(job: dict) -> dict:
+    """One claim-seed task in a worker process of ``--jobs``: run it, store it, say how it went."""
+    from ..data import DataError
+    from .claims import CLAIMS, load_claims
+    from .results import ResultStore
+    from .suite import run_claim
+
+    load_claims()
+    claim = CLAIMS.get(job["slug"])
+    try:
+        s = run_claim(claim, scale=job["scale"], seeds=[job["seed"]], device=job["device"],
+                      data_root=None if job["data_root"] is None else Path(job["data_root"]),
+                      store=ResultStore(job["db"]), resume=False, overrides=job["overrides"])
+    except DataError as e:
+        return {**job, "error": str(e), "data_error": True}
+    except Exception as e:  # reported by the parent; the other tasks go on
+        return {**job, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+    rec = s.runs[0]
+    p = claim.primary
+    return {**job, "duration_s": rec.duration_s, "data": rec.data,
+            "ours": rec.metrics.get(p.ours, {}).get(p.metric, float("nan")),
+            "base": rec.metrics.get(p.baseline, {}).get(p.metric, float("nan"))}
+
+
+def _run_parallel(args, claims, seed_lists, overrides, store, devices, root, resume: bool, bar) -> dict[str, str]:
+    """Run the claim-seed tasks not stored yet in ``args.jobs`` worker processes (each stores its own
+    result, so an interrupted run resumes like a sequential one); return ``{slug: error}`` of crashes."""
+    import concurrent.futures as cf
+    import multiprocessing
+
+    from ..data import DataError
+    from .protocol import overrides_key
+    from .suite import data_mode
+
+    jobs = []
+    for claim, seeds in zip(claims, seed_lists):
+        if resume:
+            mode = data_mode(claim, root, args.scale)
+            proto = claim.protocol_for(args.scale, root if mode == "real" else None, overrides.get(claim.slug, {}))
+            okey = overrides_key({k: getattr(proto, k) for k in overrides.get(claim.slug, {})})
+            done = store.latest_per_seed(claim.slug, claim.version, args.scale, mode, overrides=okey)
+        else:
+            done = {}
+        for seed in seeds:
+            if seed not in done:
+                jobs.append({"slug": claim.slug, "seed": seed, "scale": args.scale, "db": str(store.path),
+                             "data_root": None if root is None else str(root),
+                             "overrides": overrides.get(claim.slug), "device": None})
+    for k, job in enumerate(jobs):
+        job["device"] = str(devices[k % len(devices)])
+    crashed: dict[str, str] = {}
+    if not jobs:
+        return crashed
+    ctx = multiprocessing.get_context("spawn")  # no forked torch state (threads, CUDA) in the workers
+    pool = cf.ProcessPoolExecutor(max_workers=min(args.jobs, len(jobs)), mp_context=ctx)
+    try:
+        futures = [pool.submit(_run_seed_job, job) for job in jobs]
+        for fut in cf.as_completed(futures):
+            r = fut.result()
+            bar.update(1)
+            if "error" in r:
+                if r.get("data_error"):
+                    raise DataError(r["error"])
+                crashed.setdefault(r["slug"], r["error"])
+                _err(f"claim {r['slug']!r} crashed on seed {r['seed']}: {r['error']}")
+                if args.verbose and r.get("traceback"):
+                    print(r["traceback"], file=sys.stderr)
+            elif not args.json:
+                c = next(c for c in claims if c.slug == r["slug"])
+                bar.write(f"{c.slug} [{args.scale}, seed {r['seed']}, {r['data']}] {c.primary.metric}: "
+                          f"{c.primary.ours} {r['ours']:.4g} vs {c.primary.baseline} {r['base']:.4g} "
+                          f"({r['duration_s']:.1f}s, {r['device']})", file=sys.stderr)
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in list(getattr(pool, "_processes", {}).values()):  # stop the running tasks too
+            proc.terminate()
+        raise
+    pool.shutdown(wait=True)
+    return crashed
 
 
 def _print_table(summaries, file=sys.stdout) -> None:
@@ -133,10 +218,17 @@ def _run_many(args, claims, *, resume: bool) -> int:
     from .suite import parse_seeds, run_claim
 
     store = _store(args)
-    device = _device(args)
+    devices = _devices(args)
+    device = devices[0]
     root = _data_root(args)
     if args.scale is None:
         args.scale = "quick"
+    if args.jobs is None:
+        args.jobs = len(devices)
+    if args.jobs < 1:
+        raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
+    if len(devices) > 1 and args.jobs < 2:
+        raise UsageError(f"--device lists {len(devices)} devices: spreading tasks over them needs --jobs >= 2")
     try:
         seed_lists = [parse_seeds(args.seeds, c.default_seeds) for c in claims]
     except ValueError as e:
@@ -155,9 +247,20 @@ def _run_many(args, claims, *, resume: bool) -> int:
     suite_bar = bars(total=total, desc="claims")
     summaries, crashed = [], []
     quiet = args.json
+    parallel_crashed: dict[str, str] = {}
+    if args.jobs > 1:  # run every task in worker processes first; the loop below then only collects them
+        parallel_crashed = _run_parallel(args, claims, seed_lists, overrides, store, devices, root, resume,
+                                         suite_bar)
+        resume = True
     try:
         for claim, seeds in zip(claims, seed_lists):
+            if claim.slug in parallel_crashed:
+                crashed.append((claim.slug, RuntimeError(parallel_crashed[claim.slug])))
+                continue
+
             def on_seed(rec, reused, _c=claim):
+                if args.jobs > 1:  # already counted and printed by the workers
+                    return
                 suite_bar.update(1)
                 if not quiet:
                     tag = "stored" if reused else f"{rec.duration_s:.1f}s"
@@ -365,7 +468,12 @@ def build_parser() -> argparse.ArgumentParser:
                             help="experiment scale (default: quick)")
             sp.add_argument("--seeds", default=None,
                             help="a count (3 -> seeds 0,1,2) or a list (11,12,13); default: the claim's own count")
-            sp.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+            sp.add_argument("--device", default="cpu",
+                            help="cpu (default), cuda, cuda:N or auto; a comma-separated list (cuda:0,cuda:1) "
+                                 "spreads claim-seed tasks over the devices")
+            sp.add_argument("--jobs", type=int, default=None, metavar="N",
+                            help="run claim-seed tasks in N worker processes against one database "
+                                 "(default: one per --device)")
             sp.add_argument("--data-root", default=None, metavar="DIR",
                             help="folder with the papers' real data sets (MNIST, MNIST-M, USPS, ...)")
             g = sp.add_mutually_exclusive_group()
