@@ -4,6 +4,7 @@ from .bundled import Split, cache_dir, digits_images, load_digits_images_split, 
 from .errors import DataError
 from .in_context import InContextLinearRegression
 from .opposing_signals import OpposingSignalData, opposing_signal_data
+from .poisson2d import poisson2d, poisson2d_eigenpairs, scipy_to_torch_csr, smooth_random_rhs
 
 __all__ = ["TensorBatches", "Split", "cache_dir", "load_digits_split", "digits_images", "load_digits_images_split", "load_mnist1d", "standardise",
-           "DataError", "InContextLinearRegression", "OpposingSignalData", "opposing_signal_data"]
+           "DataError", "InContextLinearRegression", "OpposingSignalData", "opposing_signal_data", "poisson2d", "poisson2d_eigenpairs", "smooth_random_rhs", "scipy_to_torch_csr"]
