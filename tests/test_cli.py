@@ -240,9 +240,14 @@ def test_bench_runs_stores_and_reports(tmp_path):
     assert rows(db, "SELECT name, repeats FROM bench") == [("dann-grl-step", 3)]
     r = gk("bench", "dann-grl-step", "--repeats", "3", "--clock", "cpu", db=db)
     assert r.returncode in (0, 1), r.stderr
-    assert "clock=cpu" in r.stdout  # the clock is recorded with the result
+    assert "clock=cpu" in r.stdout and "threads=1" in r.stdout  # clock and threads recorded with the result
+    r = gk("bench", "dann-grl-step", "--repeats", "4", "--threads", "2", "--json", db=db)
+    (b,) = json.loads(r.stdout)
+    assert b["threads"] == 2 and b["pairs"] == 4 and b["ratio_min"] <= b["ratio"] <= b["ratio_max"]
     r = gk("bench", "dann-grl-step", "--repeats", "1", db=db)
     assert r.returncode == 2 and "--repeats must be >= 3" in r.stderr
+    r = gk("bench", "dann-grl-step", "--threads", "0", db=db)
+    assert r.returncode == 2 and "--threads must be >= 1" in r.stderr
 
 
 def test_set_overrides_are_checked_stored_apart_and_labelled(tmp_path):

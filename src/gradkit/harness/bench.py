@@ -118,7 +118,28 @@ def compare_steps(
             for _ in range(inner):
                 fn()
             sink.append((now() - t0) / inner)
-    return BenchResult(statistics.median(tb), statistics.median(tc))
+    res = BenchResult(statistics.median(tb), statistics.median(tc),
+                      _spread([c / b if b > 0 else float("inf") for b, c in zip(tb, tc)]))
+    _measured.append(res)
+    return res
+
+
+def _spread(ratios: list[float]) -> dict:
+    """The range of the per-repetition ratios (each candidate timing over the baseline timing beside it)."""
+    return {"ratio_min": min(ratios), "ratio_max": max(ratios), "pairs": len(ratios)}
+
+
+_measured: list[BenchResult] = []  # every compare_steps result of the benchmark being run
+
+
+def _with_spread(r: BenchResult) -> dict:
+    """``r.extra`` plus the per-repetition ratio range of the :func:`compare_steps` call it came from."""
+    if "ratio_min" in r.extra:
+        return dict(r.extra)
+    for m in _measured:
+        if m.baseline_s == r.baseline_s and m.candidate_s == r.candidate_s:
+            return {**r.extra, **m.extra}
+    return dict(r.extra)
 
 
 _loaded = False
@@ -139,12 +160,15 @@ def load_benchmarks() -> None:
     _loaded = True
 
 
-def run_benchmarks(names: list[str] | None = None, repeats: int = 30, threads: int | None = 2,
+def run_benchmarks(names: list[str] | None = None, repeats: int = 30, threads: int | None = 1,
                    clock: str = "wall"):
     """Run the named (default: all) benchmarks; yield ``(Benchmark, BenchResult)`` pairs.
 
-    ``clock`` (``"wall"`` or ``"cpu"``) is the default clock of :func:`compare_steps` meanwhile; each
-    result's ``extra["clock"]`` records it.
+    ``threads``: intra-op threads for the run (default 1: OpenMP spin-waiting makes CPU-clock figures
+    at several threads incomparable). ``clock`` (``"wall"`` or ``"cpu"``) is the default clock of
+    :func:`compare_steps` meanwhile. Each result's ``extra`` records the clock, the thread count and,
+    where the benchmark timed through :func:`compare_steps`, the range of the per-repetition ratios
+    (``ratio_min``, ``ratio_max``, ``pairs``).
     """
     load_benchmarks()
     chosen = names or BENCHMARKS.names()
@@ -155,8 +179,10 @@ def run_benchmarks(names: list[str] | None = None, repeats: int = 30, threads: i
         torch.set_num_threads(threads)
     try:
         for b in benches:
+            _measured.clear()
             r = b.run(repeats)
-            yield b, BenchResult(r.baseline_s, r.candidate_s, {**r.extra, "clock": clock})
+            yield b, BenchResult(r.baseline_s, r.candidate_s,
+                                 {**_with_spread(r), "clock": clock, "threads": torch.get_num_threads()})
     finally:
         torch.set_num_threads(old)
         set_clock(old_clock)

@@ -429,7 +429,9 @@ def cmd_bench(args) -> int:
         raise UsageError(f"--repeats must be >= 3, got {args.repeats}")
     store = _store(args)
     out = []
-    for b, r in run_benchmarks(args.names or None, repeats=args.repeats, clock=args.clock):
+    if args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    for b, r in run_benchmarks(args.names or None, repeats=args.repeats, clock=args.clock, threads=args.threads):
         passed = None if b.target is None else bool(r.ratio <= b.target)
         rec = BenchRecord(name=b.name, slug=b.slug, description=b.description, baseline=b.baseline,
                           baseline_s=r.baseline_s, candidate_s=r.candidate_s, ratio=r.ratio, target=b.target,
@@ -440,7 +442,9 @@ def cmd_bench(args) -> int:
         if not args.json:
             tgt = f"<= {b.target:.2f}x" if b.target is not None else "report"
             verdict = "-" if passed is None else ("PASS" if passed else "FAIL")
-            print(f"{b.name:<28} {r.ratio:6.3f}x  (target {tgt}, {verdict})  "
+            spread = (f" [{r.extra['ratio_min']:.3f}-{r.extra['ratio_max']:.3f}, {r.extra['pairs']} pairs]"
+                      if "ratio_min" in r.extra else "")
+            print(f"{b.name:<28} {r.ratio:6.3f}x{spread}  (target {tgt}, {verdict})  "
                   f"{b.baseline}: {r.baseline_s * 1e3:.3f} ms, ours: {r.candidate_s * 1e3:.3f} ms  [{b.slug}]",
                   flush=True)
             if r.extra:  # e.g. saved-bytes ratios and the settings measured
@@ -527,6 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--repeats", type=int, default=30, help="timed repetitions per side (default 30)")
     sp.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall time (default) or CPU time of the process (steadier on a shared machine)")
+    sp.add_argument("--threads", type=int, default=1,
+                    help="intra-op threads while timing (default 1; stored with each result)")
     sp.add_argument("--db", default=None)
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_bench)
