@@ -164,6 +164,19 @@ def _check_state(out: Tensor, old: Tensor, where: str) -> None:
                          "(mismatched channel split?)")
 
 
+def _is_one(a: Tensor | float) -> bool:
+    """A constant alpha of 1 (additive coupling): skip the multiply and the divide it would cost."""
+    return not isinstance(a, Tensor) and a == 1.0
+
+
+def _add_scaled(out: Tensor, a: Tensor | float, state: Tensor) -> Tensor:
+    return out + state if _is_one(a) else out + a * state
+
+
+def _unscale(t: Tensor, a: Tensor | float) -> Tensor:
+    return t if _is_one(a) else t / _alpha_value(a)
+
+
 def _alpha_value(a: Tensor | float) -> Tensor | float:
     return a.detach() if isinstance(a, Tensor) else a
 
@@ -206,7 +219,7 @@ def run_steps(steps: Sequence[ReversibleStep], x: Tensor | None, states: Sequenc
                 new.append(out)
             else:
                 _check_state(out, cur[k], f"step {s}, level {k}")
-                new.append(out + step.alphas[k] * cur[k])
+                new.append(_add_scaled(out, step.alphas[k], cur[k]))
         cur = new
     return cur
 
@@ -225,7 +238,7 @@ def invert_steps(steps: Sequence[ReversibleStep], x: Tensor | None, outputs: Seq
             lower = x if k == 0 else cur[k - 1]
             upper = None if k == n - 1 else old[k + 1]
             out = step.fns[k](lower, upper)
-            old[k] = (cur[k] - out) / _alpha_value(step.alphas[k])
+            old[k] = _unscale(cur[k] - out, step.alphas[k])
         cur = old
     return cur
 
@@ -318,7 +331,7 @@ class MultiLevelReversibleFunction(torch.autograd.Function):
                             out = fn(lower_leaf, upper_leaf)
                         if not step.first:
                             a = step.alphas[k]
-                            old[k] = (y_cur[k] - out.detach()) / _alpha_value(a)
+                            old[k] = _unscale(y_cur[k] - out.detach(), a)
                         elif ctx.monitor is not None:  # rebuilt outputs of the first step vs recomputed ones
                             drift = max(drift, _rel_drift(y_cur[k], out.detach()))
                         g = g_new[k]
@@ -346,7 +359,7 @@ class MultiLevelReversibleFunction(torch.autograd.Function):
                             pgrads[j] = acc(pgrads[j], gp)
                         if not step.first:
                             a = step.alphas[k]
-                            g_old[k] = acc(g_old[k], g * _alpha_value(a))
+                            g_old[k] = acc(g_old[k], g if _is_one(a) else g * _alpha_value(a))
                             if isinstance(a, Tensor) and a.requires_grad and id(a) in pindex:
                                 ga = (g * old[k]).sum_to_size(a.shape)
                                 j = pindex[id(a)]
