@@ -8,6 +8,10 @@ from .deep_cg import (DeepConjugateDirection, apply_direction, dcdm, lanczos_rit
 from .convex_relu import (ADMMHistory, ADMMResult, ConvexReLUProblem, admm_convex_relu, check_sign_labels,
                           group_soft_threshold, nonconvex_objective, sign_accuracy)
 from .relu_patterns import check_patterns, enumerate_patterns_2d, sample_patterns
+from .lpinn import (CharacteristicFoldError, LagrangianPINN, LPINNLoss, PeriodicMLP, PINNLoss, characteristic_folds,
+                    lagrangian_to_eulerian, lpinn_loss, lpinn_residuals, pinn_loss, pinn_residual)
+from .mgno import MgNO
+from .operator_losses import relative_h1_loss, relative_lp_loss
 from .local_reg import LocalErrorRegularizer, global_error_regularizer
 from .lstsq_iterates import gd_iterates, inverse_spectral_lr, min_norm_lstsq, newton_alpha, newton_iterates, newton_schulz_pinv
 from .neural_ode import Autonomous, NeuralODE
@@ -18,4 +22,4 @@ __all__ = ["solve_attention_svm", "attention_svm", "optimal_tokens", "svm_constr
            "AttentionSVMSolution", "InfeasibleSVMError", "Dopri5", "ODESolution", "ODESolverError", "RKStep",
            "LocalErrorRegularizer", "global_error_regularizer", "NeuralODE", "Autonomous", "newton_schulz_pinv",
            "newton_iterates", "gd_iterates", "newton_alpha", "inverse_spectral_lr", "min_norm_lstsq", "LearnedProx",
-           "proximal_matching_loss", "GammaSchedule", "invert_gradient", "InversionResult", "pnp_pgd", "PnPResult", "solve", "cg", "SolveResult", "NotSPDError", "IC0", "AMGPreconditioner", "amg_preconditioner", "as_operator", "Operator", "check_spd", "begin_solve", "SolveState", "DeepConjugateDirection", "dcdm", "apply_direction", "scale_invariant_residual_loss", "ritz_rhs_dataset", "lanczos_ritz", "ADMMHistory", "ADMMResult", "ConvexReLUProblem", "admm_convex_relu", "check_sign_labels", "group_soft_threshold", "nonconvex_objective", "sign_accuracy", "check_patterns", "enumerate_patterns_2d", "sample_patterns"]
+           "proximal_matching_loss", "GammaSchedule", "invert_gradient", "InversionResult", "pnp_pgd", "PnPResult", "solve", "cg", "SolveResult", "NotSPDError", "IC0", "AMGPreconditioner", "amg_preconditioner", "as_operator", "Operator", "check_spd", "begin_solve", "SolveState", "DeepConjugateDirection", "dcdm", "apply_direction", "scale_invariant_residual_loss", "ritz_rhs_dataset", "lanczos_ritz", "ADMMHistory", "ADMMResult", "ConvexReLUProblem", "admm_convex_relu", "check_sign_labels", "group_soft_threshold", "nonconvex_objective", "sign_accuracy", "check_patterns", "enumerate_patterns_2d", "sample_patterns", "CharacteristicFoldError", "LagrangianPINN", "LPINNLoss", "PeriodicMLP", "PINNLoss", "characteristic_folds", "lagrangian_to_eulerian", "lpinn_loss", "lpinn_residuals", "pinn_loss", "pinn_residual", "MgNO", "relative_lp_loss", "relative_h1_loss"]
