@@ -1,11 +1,18 @@
-"""Projected gradient descent (PGD) attacks and PGD adversarial training (Madry et al.; used by input-gradients).
+"""Projected gradient descent (PGD) attacks and PGD adversarial training (Madry et al.; used by input-gradients,
+boundary-tilting, contextual-fusion). The one gradient attacker of :mod:`gradkit.robustness`: FGSM is its
+one-step preset, expectation over transformations (EOT) its ``transform`` option.
 
-Untargeted PGD maximises the loss inside a norm ball around x:
+Untargeted PGD maximises the loss inside a norm ball around x (targeted PGD minimises it for target labels):
 
     delta_0 ~ U(ball) (random_start) or 0
-    linf: delta <- clip_[-eps, eps](delta + step_size * sign(grad_delta L(f(x + delta), y)))
-    l2:   delta <- proj_{||delta||_2 <= eps}(delta + step_size * g / ||g||_2)
+    g = grad_delta (1/K) sum_k L(f(t_k(x + delta)), y)      (K = eot_samples draws of ``transform``; t = id)
+    linf: delta <- clip_[-eps, eps](delta + s * step_size * sign(g))       s = +1 untargeted, -1 targeted
+    l2:   delta <- proj_{||delta||_2 <= eps}(delta + s * step_size * g / ||g||_2)
     x_adv = clamp(x + delta, lo, hi)          (after every step, when ``clamp`` is given)
+
+Bad input is an error, never silently repaired: ``eps < 0``; inputs outside the declared ``clamp`` range;
+a model in train mode that has layers behaving differently in train mode (dropout, batch norm) unless
+``train_mode=True`` says so (adversarial training does).
 
 Adversarial training minimises E[L(f(x_adv), y)]; :func:`adversarial_loss` turns an attack into the
 ``compute_loss`` of :func:`gradkit.engine.fit`, so adversarial training runs in the one training loop.
@@ -23,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._validate import choice, nonneg_int, positive_int, real_scalar
+from .._validate import boolean, choice, nonneg_int, positive_int, real_scalar
 
 NORMS = ("linf", "l2")
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -62,25 +69,59 @@ def _random_start(x: Tensor, eps: float, norm: str, generator: torch.Generator |
     return (g * (eps * r).reshape(-1, *([1] * (x.dim() - 1)))).to(x.device)
 
 
-def _project(delta: Tensor, eps: float, norm: str) -> Tensor:
-    if norm == "linf":
-        return delta.clamp(-eps, eps)
-    n = _row_norm(delta)
-    return delta * torch.clamp(eps / n.clamp_min(torch.finfo(delta.dtype).tiny), max=1.0)
+# layers whose forward differs between train and eval mode
+_MODE_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._NormBase)
+
+
+def _check_mode(model: Callable[[Tensor], Tensor], train_mode: bool) -> None:
+    if train_mode or not isinstance(model, nn.Module) or not model.training:
+        return
+    for name, m in model.named_modules():
+        if m.training and isinstance(m, _MODE_DEPENDENT):
+            raise ValueError(f"model is in train mode and its layer {name or type(m).__name__!r} "
+                             f"({type(m).__name__}) behaves differently in train mode; call model.eval() "
+                             f"before attacking, or pass train_mode=True to attack it in train mode on purpose")
+
+
+def _check_range(x: Tensor, clamp: tuple[float, float] | None) -> None:
+    if clamp is None or x.numel() == 0:
+        return
+    lo, hi = (float(v) for v in torch.aminmax(x.detach()))
+    if lo < clamp[0] or hi > clamp[1]:
+        raise ValueError(f"x must lie in the declared range clamp={clamp}, got values in [{lo:.6g}, {hi:.6g}]; "
+                         f"pass the data's true range as clamp (or clamp=None) instead of clamping inputs")
+
+
+def _check_transform(transform, eot_samples) -> int:
+    eot_samples = positive_int("eot_samples", eot_samples)
+    if transform is not None and not callable(transform):
+        raise TypeError(f"transform must be None or a callable (x, generator) -> x, got "
+                        f"{type(transform).__name__}")
+    if transform is None and eot_samples != 1:
+        raise ValueError(f"eot_samples must be 1 without a transform, got {eot_samples}")
+    return eot_samples
 
 
 def pgd_attack(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, eps: float, norm: str = "linf",
                steps: int = 10, step_size: float | None = None, random_start: bool = True,
                clamp: tuple[float, float] | None = None, loss_fn: LossFn | None = None,
-               generator: torch.Generator | None = None) -> Tensor:
-    """Untargeted PGD adversarial examples in the ``norm`` ball of radius ``eps`` (input-gradients).
+               generator: torch.Generator | None = None, *, targeted: bool = False,
+               transform: Callable[[Tensor, torch.Generator | None], Tensor] | None = None, eot_samples: int = 1,
+               train_mode: bool = False) -> Tensor:
+    """PGD adversarial examples in the ``norm`` ball of radius ``eps`` (input-gradients, boundary-tilting).
 
-    linf step: delta + step_size * sign(g); l2 step: delta + step_size * g / ||g||; then projection onto
-    the ball and ``clamp`` to the data range. ``step_size`` defaults to 2.5 * eps / steps. Only the
-    input gradient is computed (``torch.autograd.grad``): parameters' ``.grad`` is never touched, and the
-    model is used in whatever train/eval mode it is in. Returns a detached tensor shaped like ``x``.
+    linf step: delta + s * step_size * sign(g); l2 step: delta + s * step_size * g / ||g||; then projection
+    onto the ball and ``clamp`` to the data range. s = +1 (untargeted: raise the loss of the true labels
+    ``y``) or -1 (``targeted=True``: ``y`` are the target labels, their loss is lowered). ``step_size``
+    defaults to 2.5 * eps / steps. With ``transform`` (a random map ``(x, generator) -> x``), g is the
+    gradient of the loss averaged over ``eot_samples`` draws (expectation over transformations), computed
+    in one batched forward of ``eot_samples * N`` inputs. Only the input gradient is computed
+    (``torch.autograd.grad``): parameters' ``.grad`` is never touched.
 
-    >>> x_adv = pgd_attack(model, x, y, eps=0.3, norm="linf", steps=10, clamp=(0.0, 1.0))
+    Errors: ``eps < 0``; ``x`` outside ``clamp``; an ``nn.Module`` in train mode with dropout / batch norm
+    layers unless ``train_mode=True``. Returns a detached tensor shaped like ``x``.
+
+    >>> x_adv = pgd_attack(model.eval(), x, y, eps=0.3, norm="linf", steps=10, clamp=(0.0, 1.0))
     >>> bool(((x_adv - x).abs() <= 0.3 + 1e-6).all())
     True
     """
@@ -90,25 +131,42 @@ def pgd_attack(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, eps: flo
     if not isinstance(y, Tensor) or y.shape[:1] != x.shape[:1]:
         raise ValueError(f"y must be a tensor with one entry per input ({x.shape[0]}), got "
                          f"{tuple(getattr(y, 'shape', ()))}")
+    eot_samples = _check_transform(transform, eot_samples)
+    _check_mode(model, boolean("train_mode", train_mode))
+    sign = -1.0 if boolean("targeted", targeted) else 1.0
+    _check_range(x, clamp)
     loss_fn = F.cross_entropy if loss_fn is None else loss_fn
     x = x.detach()
-    delta = _random_start(x, eps, norm, generator) if (random_start and eps > 0) else torch.zeros_like(x)
+    y_rep = y if eot_samples == 1 else y.repeat(eot_samples, *([1] * (y.dim() - 1)))
+    start = random_start and eps > 0
+    delta = _random_start(x, eps, norm, generator) if start else torch.zeros_like(x)
+    # per-coordinate bounds on delta: the data range (and, for linf, the ball): one in-place clamp per step
     if clamp is not None:
-        delta = (x + delta).clamp(*clamp) - x
+        r = eps if norm == "linf" else float("inf")
+        lower, upper = (clamp[0] - x).clamp_(-r, 0.0), (clamp[1] - x).clamp_(0.0, r)
+        if start:  # (zero lies inside the bounds: x is in range)
+            delta = torch.clamp(delta, lower, upper)
+    delta.requires_grad_(True)
     for _ in range(steps):
-        delta.requires_grad_(True)
         with torch.enable_grad():
-            loss = loss_fn(model(x + delta), y)
+            xa = x + delta
+            if transform is not None:
+                xa = transform(xa if eot_samples == 1 else xa.repeat(eot_samples, *([1] * (x.dim() - 1))),
+                               generator)
+            loss = loss_fn(model(xa), y_rep)
             (g,) = torch.autograd.grad(loss, delta)
-        with torch.no_grad():
+        with torch.no_grad():  # in place: the step costs no allocations beyond the model's own
             if norm == "linf":
-                delta = delta + step_size * g.sign()
+                delta.add_(g.sign_(), alpha=sign * step_size)
+                if clamp is None:
+                    delta.clamp_(-eps, eps)
             else:
-                delta = delta + step_size * g / _row_norm(g).clamp_min(torch.finfo(g.dtype).tiny)
-            delta = _project(delta, eps, norm)
+                delta.add_(g.mul_((sign * step_size) / _row_norm(g).clamp_min_(torch.finfo(g.dtype).tiny)))
+                delta.mul_(torch.clamp(eps / _row_norm(delta).clamp_min_(torch.finfo(g.dtype).tiny), max=1.0))
             if clamp is not None:
-                delta = (x + delta).clamp(*clamp) - x
-    return (x + delta).detach()
+                torch.clamp(delta, lower, upper, out=delta)
+    out = x + delta.detach()
+    return out.clamp_(*clamp) if clamp is not None else out
 
 
 @dataclass(frozen=True)
@@ -125,14 +183,21 @@ class PGD:
     step_size: float | None = None
     random_start: bool = True
     clamp: tuple[float, float] | None = None
+    targeted: bool = False
+    transform: Callable[[Tensor, torch.Generator | None], Tensor] | None = None
+    eot_samples: int = 1
 
     def __post_init__(self) -> None:
         _check_attack_args(self.eps, self.norm, self.steps, self.step_size, self.clamp)
+        boolean("targeted", self.targeted)
+        _check_transform(self.transform, self.eot_samples)
 
     def __call__(self, model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor,
-                 generator: torch.Generator | None = None, loss_fn: LossFn | None = None) -> Tensor:
+                 generator: torch.Generator | None = None, loss_fn: LossFn | None = None, *,
+                 train_mode: bool = False) -> Tensor:
         return pgd_attack(model, x, y, self.eps, self.norm, self.steps, self.step_size, self.random_start,
-                          self.clamp, loss_fn=loss_fn, generator=generator)
+                          self.clamp, loss_fn=loss_fn, generator=generator, targeted=self.targeted,
+                          transform=self.transform, eot_samples=self.eot_samples, train_mode=train_mode)
 
 
 def adversarial_loss(attack: PGD, loss_fn: LossFn | None = None,
@@ -147,7 +212,7 @@ def adversarial_loss(attack: PGD, loss_fn: LossFn | None = None,
 
     def compute_loss(model: nn.Module, batch) -> Tensor:
         x, y = batch[0], batch[1]
-        x_adv = attack(model, x, y, generator=generator, loss_fn=lf)
+        x_adv = attack(model, x, y, generator=generator, loss_fn=lf, train_mode=True)  # training: on purpose
         return lf(model(x_adv), y)
 
     return compute_loss
