@@ -23,7 +23,6 @@ downsampled to 10x10) on 20x20 context scenes, extractors pre-trained for 600 st
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +35,7 @@ from ...data.real import data_folder
 from ...engine import accuracy
 from ...nn.late_fusion import LateFusionClassifier
 from ...robustness.blur import gaussian_blur
-from ...robustness.pgd import pgd_attack
+from ...robustness.fgsm import fgsm as robust_fgsm
 from ..protocol import Protocol, scaled
 from .base import ArmContext, ArmResult, Claim, Primary, RunOutput, Variant, register
 from .criteria import AllOf, AtLeast, Compare, Drop, Gain
@@ -238,8 +237,8 @@ def _trained(ctx: ArmContext, arm: str, q: float | None = None, alpha: float = 0
 
 # ------------------------------------------------------------------------------------ perturbations
 def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
-    """FGSM = one l_inf PGD step of size eps from x, clamped to the pixel range."""
-    return pgd_attack(model, x, y, eps, norm="linf", steps=1, step_size=eps, random_start=False, clamp=RANGE)
+    """FGSM at ``eps`` in the pixel range (:func:`gradkit.robustness.fgsm`)."""
+    return robust_fgsm(model, x, y, eps, clamp=RANGE)
 
 
 def _transfer_examples(ctx: ArmContext, q: float, eps: float) -> torch.Tensor:
@@ -413,7 +412,7 @@ CLAIM = register(Claim(
         "gradkit.data.object_context.make_object_context_dataset",
         "gradkit.data.object_context.object_view",
         "gradkit.data.object_context.context_view",
-        "gradkit.robustness.pgd.pgd_attack",
+        "gradkit.robustness.fgsm.fgsm",
         "gradkit.robustness.blur.gaussian_blur",
     ),
     notes="Threat models: (T) FGSM crafted on the fg-only classifier (fg extractor + its head) and fed to every arm "
