@@ -25,7 +25,6 @@ Example::
 """
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence

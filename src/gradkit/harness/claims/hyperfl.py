@@ -38,7 +38,7 @@ from torch import nn
 
 from ...data.real import data_folder
 from ...distributed.federated import (
-    ClientData, FedAvgClient, client_accuracies, clip_and_noise, dirichlet_split, dp_fedavg_round, fedavg_round,
+    FedAvgClient, client_accuracies, clip_and_noise, dirichlet_split, dp_fedavg_round, fedavg_round,
     hyperfl_round, local_train_fedavg, local_train_hyperfl,
 )
 from ...nn.hypernetwork import HyperClient
