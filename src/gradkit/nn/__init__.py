@@ -23,6 +23,7 @@ from .single_attention import SingleLayerAttention
 from .late_fusion import LateFusionClassifier
 from .deep_cg import DCDMNet2d
 from .multigrid import MultigridConv1d, MultigridConv2d
+from .hard_constraint_moe import HardConstraintMoE, fd_terms
 
 __all__ = ["GradientReversal", "DomainClassifier", "domain_loss", "BinaryModule", "BinaryLinear", "BinaryConv2d",
            "binary_modules", "set_estimator_param", "BiPerLinear", "BiPerConv2d", "set_stage", "TrActLinear",
@@ -33,4 +34,4 @@ __all__ = ["GradientReversal", "DomainClassifier", "domain_loss", "BinaryModule"
            "ReversibleBlock", "ReversibleSequential", "ReversibleStep", "ReversibleColumnStack", "RevColNet",
            "MesaLinear", "MesaAttention", "mesa_convert", "set_mesa_enabled",
            "MBConv3d", "RevMBConv3d", "RevMBConvUNet3d", "MaskableDropout", "convert_dropout",
-           "dropout_mode", "HyperNetwork", "HyperClient", "ICNN", "clamp_after_step", "SingleLayerAttention", "LateFusionClassifier", "DCDMNet2d", "MultigridConv1d", "MultigridConv2d"]
+           "dropout_mode", "HyperNetwork", "HyperClient", "ICNN", "clamp_after_step", "SingleLayerAttention", "LateFusionClassifier", "DCDMNet2d", "MultigridConv1d", "MultigridConv2d", "HardConstraintMoE", "fd_terms"]
