@@ -5,6 +5,7 @@ from .periodic import ApproxSign, BiPerSign, NormApproxSign, approx_sign, biper_
 from .reversal import GradReverse, grad_reverse
 from .reversible import DriftMonitor, MultiLevelReversibleFunction, ReversibleStep, invert_steps, run_steps
 from .implicit_nlls import ImplicitNLLS, NLLSResult, implicit_nlls, lm_solve, unrolled_nlls
+from .field_kl import FieldKL, binary_field_kl
 from .scale import GradScale, ModulatedFusion, grad_scale, modulated_fusion
 from .straight_through import (ESTIMATORS, ReSTESign, STESign, binarize_sign, get_estimator, power_surrogate,
                                register_estimator, reste_derivative, reste_sign, ste_derivative, ste_sign)
@@ -16,4 +17,4 @@ __all__ = ["GradReverse", "grad_reverse", "add_gradient_noise", "ReSTESign", "ST
            "approx_sign", "norm_approx_sign", "TrActLinearFn", "TrActConv2dFn", "tract_linear", "tract_conv2d",
            "tract_weight_grad", "ActQuantizer", "q_linear", "q_gelu", "q_softmax", "q_matmul", "q_layer_norm",
            "GradScale", "grad_scale", "ModulatedFusion", "modulated_fusion", "MultiLevelReversibleFunction",
-           "ReversibleStep", "run_steps", "invert_steps", "DriftMonitor", "ImplicitNLLS", "implicit_nlls", "unrolled_nlls", "lm_solve", "NLLSResult"]
+           "ReversibleStep", "run_steps", "invert_steps", "DriftMonitor", "ImplicitNLLS", "implicit_nlls", "unrolled_nlls", "lm_solve", "NLLSResult", "FieldKL", "binary_field_kl"]

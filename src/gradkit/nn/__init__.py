@@ -24,6 +24,8 @@ from .late_fusion import LateFusionClassifier
 from .deep_cg import DCDMNet2d
 from .multigrid import MultigridConv1d, MultigridConv2d
 from .hard_constraint_moe import HardConstraintMoE, fd_terms
+from .field_binary import (FieldBinaryLinear, binary_perceptron_logH_loss, field_kl, field_mode, field_modules,
+                           field_thetas, set_field_beta)
 
 __all__ = ["GradientReversal", "DomainClassifier", "domain_loss", "BinaryModule", "BinaryLinear", "BinaryConv2d",
            "binary_modules", "set_estimator_param", "BiPerLinear", "BiPerConv2d", "set_stage", "TrActLinear",
@@ -34,4 +36,4 @@ __all__ = ["GradientReversal", "DomainClassifier", "domain_loss", "BinaryModule"
            "ReversibleBlock", "ReversibleSequential", "ReversibleStep", "ReversibleColumnStack", "RevColNet",
            "MesaLinear", "MesaAttention", "mesa_convert", "set_mesa_enabled",
            "MBConv3d", "RevMBConv3d", "RevMBConvUNet3d", "MaskableDropout", "convert_dropout",
-           "dropout_mode", "HyperNetwork", "HyperClient", "ICNN", "clamp_after_step", "SingleLayerAttention", "LateFusionClassifier", "DCDMNet2d", "MultigridConv1d", "MultigridConv2d", "HardConstraintMoE", "fd_terms"]
+           "dropout_mode", "HyperNetwork", "HyperClient", "ICNN", "clamp_after_step", "SingleLayerAttention", "LateFusionClassifier", "DCDMNet2d", "MultigridConv1d", "MultigridConv2d", "HardConstraintMoE", "fd_terms", "FieldBinaryLinear", "field_kl", "field_mode", "set_field_beta", "field_modules", "field_thetas", "binary_perceptron_logH_loss"]

@@ -10,7 +10,9 @@ from .normalized_gd import NormalizedGD
 from .robust_gd import RobustAggregation, median_of_means, robust_loss, robust_step, winsorized_mean
 from .orthogonal import OrthogonalGradient, orthogonal_combine
 from .transform import GradientTransform, TransformedOptimizer, TransformHandle, attach, wrap
+from .variational_continual import VariationalContinual
+from .metaplastic import MetaplasticAdam, metaplastic_factor
 
 __all__ = ["GradientNoise", "OrthogonalGradient", "orthogonal_combine", "MFAC",
            "GradientTransform", "TransformedOptimizer", "TransformHandle", "attach", "wrap", "NormalizedGD",
-           "RobustAggregation", "median_of_means", "winsorized_mean", "robust_step", "robust_loss"]
+           "RobustAggregation", "median_of_means", "winsorized_mean", "robust_step", "robust_loss", "VariationalContinual", "MetaplasticAdam", "metaplastic_factor"]
