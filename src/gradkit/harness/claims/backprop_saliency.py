@@ -44,6 +44,7 @@ OURS, BASELINE = "normgrad_conv3", "gradcam_conv3"
 POINTING_ARMS = ("gradient", "gradcam_conv2", "gradcam_conv3", "linear_approx_conv3", "normgrad_conv2",
                  "normgrad_conv3", "normgrad_conv2x3", "center", "random")
 SENSITIVITY_ARMS = ("gradient", "gradcam_conv3", "normgrad_conv3")
+GRID = 6  # test canvases whose maps the report shows
 
 
 @dataclass(frozen=True)
@@ -247,6 +248,11 @@ def _saliency_arm(ctx: ArmContext) -> ArmResult:
     else:
         maps = _methods(model)[arm](x_test, y_test)
     m = {"pointing": pointing_game(maps, d["boxes"], tolerance=p.tolerance)}
+    if arm not in ("center", "random"):  # the first test canvases' maps, min-max scaled, for the report's grid
+        shown = maps[:GRID].detach().flatten(1)
+        lo, hi = shown.min(1, keepdim=True).values, shown.max(1, keepdim=True).values
+        shown = ((shown - lo) / (hi - lo).clamp_min(1e-12)).reshape(-1, p.canvas, p.canvas)
+        ctx.shared.setdefault("maps", {})[arm] = shown.cpu().tolist()
     if arm in SENSITIVITY_ARMS:
         # with and without the meta step (its lr chosen on the validation canvases)
         x_sens = x_test[:p.n_sens]
@@ -261,6 +267,10 @@ def _saliency_arm(ctx: ArmContext) -> ArmResult:
 
 def _finish(ctx: ArmContext, out: RunOutput) -> None:
     out.info["checks"] = framework_checks(ctx.seed, ctx.device)
+    maps = ctx.shared.get("maps", {})
+    if maps:
+        canvases = ctx.data["x_test"][:GRID, 0].cpu().tolist()
+        out.info["images"] = {"saliency-maps": {"canvas": canvases, **{a: maps[a] for a in POINTING_ARMS if a in maps}}}
 
 
 def _criterion() -> AllOf:

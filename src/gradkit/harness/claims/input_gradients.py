@@ -42,6 +42,7 @@ from .criteria import AllOf, AtLeast, AtMost, Gain
 SLUG = "input-gradients"
 OURS, BASELINE = "robust", "standard"
 ARMS = (BASELINE, OURS)
+GRID = 6  # test images whose input gradients the report shows
 SYN_TEST_SEED_OFFSET = 7919  # synthetic test points: data seed = seed + offset
 
 
@@ -168,6 +169,11 @@ def block_part(ctx: ArmContext) -> tuple[dict, dict]:
                   lr=p.block_lr, gen=gen, ctx=ctx, attack=attack if arm == OURS else None,
                   desc=f"{SLUG}/{split.name}/{arm}")
     model.eval()
+    shown = split.x_test[:GRID]  # the first test images and their input gradients, for the report's grid
+    g = input_gradient(model, shown, split.y_test[:GRID], target="loss").abs().flatten(1)
+    g = g / g.max(1, keepdim=True).values.clamp_min(1e-12)
+    ctx.shared.setdefault("maps", {})[arm] = g.reshape(shown.shape[0], *shown.shape[-2:]).cpu().tolist()
+    ctx.shared["images"] = shown.reshape(shown.shape[0], *shown.shape[-2:]).cpu().tolist()
     m = {"block_signal_mass": _block_mass(model, split.x_test, split.y_test, region),
          "block_test_acc": accuracy(model, split.x_test, split.y_test),
          "block_robust_acc": robust_accuracy(model, split.x_test, split.y_test, attack)}
@@ -254,13 +260,22 @@ def block_only(ctx: ArmContext) -> ArmResult:
     return ArmResult(*block_part(ctx))
 
 
+def _gradient_grid(ctx: ArmContext, out: RunOutput) -> None:
+    maps = ctx.shared.get("maps", {})
+    if maps:
+        out.info["images"] = {"input-gradients": {"image": ctx.shared["images"],
+                                                  **{f"|grad| {a}": maps[a] for a in ARMS if a in maps}}}
+
+
 def _finish(ctx: ArmContext, out: RunOutput) -> None:
+    _gradient_grid(ctx, out)
     ks = [round(100 * k) for k in ctx.p.ks]
     out.info["checks"] = toy_checks(ctx.seed, ctx.device)
     out.info["curve_axes"] = {"diffroar": {"xlabel": "% of features kept", "x": ks}}
 
 
 def _block_mnist_finish(ctx: ArmContext, out: RunOutput) -> None:
+    _gradient_grid(ctx, out)
     split = ctx.data["split"]
     out.info.update(n_train=len(split.y_train), n_test=len(split.y_test))
 
