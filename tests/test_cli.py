@@ -224,6 +224,7 @@ def test_report_from_database(tmp_path):
     grid = out / "plots" / "fake-pass-quick-bundled-recon.png"  # info["images"] becomes an image grid
     assert grid.exists() and grid.read_bytes()[:4] == b"\x89PNG"
     assert "fake-pass-quick-bundled-recon.png" in md
+    assert (out / "plots" / "fake-pass-quick-bundled-u-x-t-a-b.png").exists()  # a grid name made a file name
 
 
 def test_python_dash_m_and_version(tmp_path):

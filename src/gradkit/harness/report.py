@@ -137,6 +137,13 @@ def _plot(summary: Summary, curve: str, path: Path) -> bool:
     return True
 
 
+def _file_slug(name: str) -> str:
+    """A grid's name as a portable file name (its title keeps the original)."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "grid"
+
+
 def _grid(summary: Summary, name: str, rows: dict, path: Path, seed: int) -> bool:
     """One PNG grid: a row per entry of ``rows`` ({row name: (K, H, W) or (K, H, W, 3) values in [0, 1]})."""
     import matplotlib
@@ -334,7 +341,7 @@ def write_report(store: ResultStore, out_dir: Path, scales: Sequence[str] | None
                 plots.setdefault(i, []).append((curve, rel))
         first = min(s.runs, key=lambda r: r.seed) if s.runs else None
         for name, grid_rows in ((first.info.get("images") or {}) if first else {}).items():
-            rel = Path("plots") / f"{tag}-{name}.png"
+            rel = Path("plots") / f"{tag}-{_file_slug(name)}.png"
             if isinstance(grid_rows, dict) and _grid(s, name, grid_rows, out_dir / rel, first.seed):
                 plots.setdefault(i, []).append((name, rel))
 
