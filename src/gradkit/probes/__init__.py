@@ -17,6 +17,8 @@ from .sharpness import SharpnessTracker, hessian_top_eigenvalue
 from .unit_matching import (ActivationRecorder, JointClusters, SparseFit, SparseStitch, UnitMatch, chance_correlation,
                             collect_activations, dead_units, fit_sparse_prediction, joint_spectral_clusters, match_units,
                             partner_r2, prediction_r2, standardize, unit_correlation, units_view)
+from .feature_weights import LayerOutputs, feature_weights
+from .linear_eval import linear_probe
 
 __all__ = ["proxy_a_distance", "estimating_error", "gradient_stability", "quantization_error",
            "biper_quantization_error",
@@ -32,4 +34,4 @@ __all__ = ["proxy_a_distance", "estimating_error", "gradient_stability", "quanti
            "per_example_grads", "check_per_example_model", "hessian_top_eigenvalue", "SharpnessTracker",
            "ActivationRecorder", "collect_activations", "units_view", "standardize", "dead_units",
            "unit_correlation", "UnitMatch", "match_units", "chance_correlation", "SparseStitch", "SparseFit",
-           "fit_sparse_prediction", "partner_r2", "prediction_r2", "JointClusters", "joint_spectral_clusters"]
+           "fit_sparse_prediction", "partner_r2", "prediction_r2", "JointClusters", "joint_spectral_clusters", "feature_weights", "LayerOutputs", "linear_probe"]
