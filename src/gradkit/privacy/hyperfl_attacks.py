@@ -1,6 +1,6 @@
 """Server-side attacks on HyperFL's shared hypernetwork gradient (paper slug: hyperfl).
 
-Threat model (spec ``papers/hyperfl.md``): an honest-but-curious server knows the architecture and the
+Threat model (the paper's): an honest-but-curious server knows the architecture and the
 hypernetwork ``phi`` and receives ``dL/dphi`` (one local step) or ``Delta phi`` (after local training);
 it does NOT know the client's embedding ``v`` nor its head ``psi``. Every hypernetwork output head is an
 ``nn.Linear`` with bias, ``theta_k = W_k e + b_k`` with ``e = ReLU(A v + a)``, hence

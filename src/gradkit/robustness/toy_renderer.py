@@ -4,11 +4,11 @@ The stand-in for the legacy renderer (CARLA/Unreal) whose texture gradient an at
 renders a rounded-rectangle body covered by a repeated k x k texture tile onto a procedural background
 (:class:`gradkit.data.dta_scenes.SceneBatch`), in numpy, with effects a plain texture paste misses:
 
-    body(p)   = cast * (eta_exp(p) * S(p)) + spec(p)            S = ambient + intensity * max(0, n(p) . l)
+    body(p)   = cast * (eta_exp(p) * S(p)) + hl(p)              S = ambient + intensity * max(0, n(p) . l)
     ground(p) = cast * bg(p) * (1 - darkness * shadow(p))       shadow: the body's silhouette, shifted
     x         = round(255 * clip(m * body + (1 - m) * ground + noise, 0, 1)) / 255
 
-n(p) is the normal of a "pillow" surface over the body (a Lambert-like gradient across it), spec a
+n(p) is the normal of a "pillow" surface over the body (a Lambert-like gradient across it), hl a
 Gaussian highlight, noise a Gaussian field drawn from the scene's own seed (so every texture of one scene
 sees the same noise), and the 8-bit quantisation makes the map piecewise constant in the texture: there
 is no useful gradient, and none is offered (numpy in, numpy out).
@@ -124,8 +124,9 @@ class ToyRenderer:
         shade = s.ambient[:, None, None] + s.light_intensity[:, None, None] * lam
         hw, hh = s.half_w[:, None, None], s.half_h[:, None, None]
         du, dv = (g.u - s.spec_u[:, None, None]) * hw, (g.v - s.spec_v[:, None, None]) * hh
-        spec = s.spec_strength[:, None, None] * np.exp(-(du ** 2 + dv ** 2) / (2 * s.spec_width[:, None, None] ** 2))
-        return shade, spec
+        highlight = s.spec_strength[:, None, None] * np.exp(
+            -(du ** 2 + dv ** 2) / (2 * s.spec_width[:, None, None] ** 2))
+        return shade, highlight
 
     def _shadow(self, s: SceneBatch) -> np.ndarray:
         u, v, c, sn = self._coords(s)
@@ -156,8 +157,8 @@ class ToyRenderer:
         flat = np.broadcast_to(tile.reshape(-1, 3, k * k), (n, 3, k * k))
         eta = np.take_along_axis(flat, g.index.reshape(n, 1, -1).repeat(3, axis=1), axis=2)
         eta = eta.reshape(n, 3, scenes.size, scenes.size)
-        shade, spec = self._shading(scenes, g)
-        body = eta * shade[:, None] + spec[:, None]
+        shade, highlight = self._shading(scenes, g)
+        body = eta * shade[:, None] + highlight[:, None]
         m = g.mask.astype(np.float64)
         ground = scenes.background * (1.0 - scenes.shadow_darkness[:, None, None, None] * self._shadow(scenes)[:, None])
         ground = ground * (1.0 - m) + scenes.background * m  # the shadow falls on the ground only

@@ -101,8 +101,8 @@ class FNO2d(nn.Module):
         gx = torch.linspace(0, 1, h, device=a.device, dtype=a.dtype).view(1, 1, h, 1).expand(b, 1, h, w)
         gy = torch.linspace(0, 1, w, device=a.device, dtype=a.dtype).view(1, 1, 1, w).expand(b, 1, h, w)
         u = nn.functional.pad(self.lift(torch.cat([a, gx, gy], 1)), (0, self.padding, 0, self.padding))
-        for i, (spec, loc) in enumerate(zip(self.spectral, self.local)):
-            u = spec(u) + loc(u)
+        for i, (spectral, local) in enumerate(zip(self.spectral, self.local)):
+            u = spectral(u) + local(u)
             if i < len(self.spectral) - 1:
                 u = self.act(u)
         return self.project(u[..., :h, :w])
