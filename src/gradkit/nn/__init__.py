@@ -23,6 +23,7 @@ from .single_attention import SingleLayerAttention
 from .late_fusion import LateFusionClassifier
 from .deep_cg import DCDMNet2d
 from .multigrid import MultigridConv1d, MultigridConv2d
+from .fno import FNO2d, SpectralConv2d
 from .hard_constraint_moe import HardConstraintMoE, fd_terms
 from .kan import (KANLayer, PrunedKANLayer, SelectableKANLayer, ThreePhaseSchedule, kan_coefficient_count, prune_model,
                   three_phase_schedule)
@@ -41,4 +42,4 @@ __all__ = ["GradientReversal", "DomainClassifier", "domain_loss", "BinaryModule"
            "ReversibleBlock", "ReversibleSequential", "ReversibleStep", "ReversibleColumnStack", "RevColNet",
            "MesaLinear", "MesaAttention", "mesa_convert", "set_mesa_enabled",
            "MBConv3d", "RevMBConv3d", "RevMBConvUNet3d", "MaskableDropout", "convert_dropout",
-           "dropout_mode", "HyperNetwork", "HyperClient", "ICNN", "clamp_after_step", "SingleLayerAttention", "LateFusionClassifier", "DCDMNet2d", "MultigridConv1d", "MultigridConv2d", "HardConstraintMoE", "fd_terms", "FieldBinaryLinear", "field_kl", "field_mode", "set_field_beta", "field_modules", "field_thetas", "binary_perceptron_logH_loss", "KANLayer", "SelectableKANLayer", "PrunedKANLayer", "ThreePhaseSchedule", "three_phase_schedule", "prune_model", "kan_coefficient_count", "make_basis", "register_basis", "basis_families", "ProjectionHead", "WithProjectionHead", "spectral_contrastive_loss", "info_nce_loss"]
+           "dropout_mode", "HyperNetwork", "HyperClient", "ICNN", "clamp_after_step", "SingleLayerAttention", "LateFusionClassifier", "DCDMNet2d", "MultigridConv1d", "MultigridConv2d", "HardConstraintMoE", "fd_terms", "FieldBinaryLinear", "field_kl", "field_mode", "set_field_beta", "field_modules", "field_thetas", "binary_perceptron_logH_loss", "KANLayer", "SelectableKANLayer", "PrunedKANLayer", "ThreePhaseSchedule", "three_phase_schedule", "prune_model", "kan_coefficient_count", "make_basis", "register_basis", "basis_families", "ProjectionHead", "WithProjectionHead", "spectral_contrastive_loss", "info_nce_loss", "FNO2d", "SpectralConv2d"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..bench import Benchmark, BenchResult, compare_steps, register_benchmark
-from ..claims.mgno import FNO2d, n_params
+from ..claims.mgno import GridFNO2d, n_params
 from ...solvers.mgno import MgNO
 from ...solvers.operator_losses import relative_lp_loss
 
@@ -23,7 +23,7 @@ GRIDS = {"64": (64, 12, 9), "32": (32, 8, 8)}  # size, FNO modes, FNO padding
 
 def _models(size: int, modes: int, padding: int):
     torch.manual_seed(0)
-    fno = FNO2d(WIDTH, modes, LAYERS, padding)
+    fno = GridFNO2d(WIDTH, modes, LAYERS, padding)
     mg = MgNO(in_channels=1, width=WIDTH, n_layers=LAYERS, levels=LEVELS)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(BATCH, 1, size, size, generator=gen)

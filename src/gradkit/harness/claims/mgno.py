@@ -30,6 +30,7 @@ from torch import nn
 from ...data import Split, TensorBatches
 from ...data.darcy import darcy_split
 from ...engine import fit
+from ...nn.fno import FNO2d
 from ...solvers.mgno import MgNO
 from ...solvers.operator_losses import relative_h1_loss, relative_lp_loss
 from ..protocol import Protocol, scaled
@@ -63,49 +64,19 @@ class MgNOProtocol(Protocol):
 
 
 # ------------------------------------------------------------------------------------------ baselines
-class SpectralConv2d(nn.Module):
-    """The Fourier layer's global linear map: keep the lowest ``modes`` x ``modes`` frequencies (both signs of
-    the first axis) and multiply each by a learned ``width x width`` complex matrix."""
-
-    def __init__(self, width: int, modes: int) -> None:
-        super().__init__()
-        self.modes = modes
-        scale = 1.0 / (width * width)
-        self.w1 = nn.Parameter(scale * torch.randn(width, width, modes, modes, dtype=torch.cfloat))
-        self.w2 = nn.Parameter(scale * torch.randn(width, width, modes, modes, dtype=torch.cfloat))
-
-    def forward(self, u: torch.Tensor) -> torch.Tensor:
-        m, (h, w) = self.modes, u.shape[-2:]
-        uh = torch.fft.rfft2(u)
-        out = torch.zeros(u.shape[0], self.w1.shape[1], h, w // 2 + 1, dtype=uh.dtype, device=u.device)
-        out[..., :m, :m] = torch.einsum("bixy,ioxy->boxy", uh[..., :m, :m], self.w1)
-        out[..., -m:, :m] = torch.einsum("bixy,ioxy->boxy", uh[..., -m:, :m], self.w2)
-        return torch.fft.irfft2(out, s=(h, w))
-
-
-class FNO2d(nn.Module):
-    """FNO-2D: lift (a, x, y) pointwise to ``width`` channels, ``n_layers`` of act(spectral + 1x1) (no act on
-    the last), project with a two-layer pointwise MLP; the grid is zero-padded by ``padding`` cells."""
+class GridFNO2d(nn.Module):
+    """The FNO-2D baseline on Darcy: the coefficient field with its (x, y) coordinates appended as input
+    channels (:class:`gradkit.nn.fno.FNO2d`, zero-padded by ``padding`` cells)."""
 
     def __init__(self, width: int, modes: int, n_layers: int = 3, padding: int = 8) -> None:
         super().__init__()
-        self.padding = padding
-        self.lift = nn.Conv2d(3, width, 1)
-        self.spectral = nn.ModuleList(SpectralConv2d(width, modes) for _ in range(n_layers))
-        self.local = nn.ModuleList(nn.Conv2d(width, width, 1) for _ in range(n_layers))
-        self.project = nn.Sequential(nn.Conv2d(width, 4 * width, 1), nn.GELU(), nn.Conv2d(4 * width, 1, 1))
-        self.act = nn.GELU()
+        self.fno = FNO2d(3, 1, width, modes, n_layers, padding)
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         b, _, h, w = a.shape
         gx = torch.linspace(0, 1, h, device=a.device, dtype=a.dtype).view(1, 1, h, 1).expand(b, 1, h, w)
         gy = torch.linspace(0, 1, w, device=a.device, dtype=a.dtype).view(1, 1, 1, w).expand(b, 1, h, w)
-        u = nn.functional.pad(self.lift(torch.cat([a, gx, gy], 1)), (0, self.padding, 0, self.padding))
-        for i, (spectral, local) in enumerate(zip(self.spectral, self.local)):
-            u = spectral(u) + local(u)
-            if i < len(self.spectral) - 1:
-                u = self.act(u)
-        return self.project(u[..., :h, :w])
+        return self.fno(torch.cat([a, gx, gy], 1))
 
 
 class Normalised(nn.Module):
@@ -150,8 +121,8 @@ def build_model(arm: str, p: MgNOProtocol) -> nn.Module:
     if arm == "cnn":  # a one-level V-cycle is one 3x3 convolution: the plain CNN of the same depth
         return mgno(matched_width(lambda w: mgno(w, ((1, 0),)), target), ((1, 0),))
     if arm == "fno":
-        def fno(w: int) -> FNO2d:
-            return FNO2d(w, p.fno_modes, p.n_layers, p.fno_padding)
+        def fno(w: int) -> GridFNO2d:
+            return GridFNO2d(w, p.fno_modes, p.n_layers, p.fno_padding)
         return fno(matched_width(fno, target, hi=64))
     raise ValueError(f"unknown arm {arm!r}")
 

@@ -26,6 +26,7 @@ from ...data.diffusion_sorption import (DS_CONSTANTS, PDEProblems, diffusion_sor
 from ...data.batches import TensorBatches
 from ...engine import fit
 from ...nn.hard_constraint_moe import HardConstraintMoE, fd_terms
+from ...nn.fno import FNO2d
 from ..protocol import Protocol, scaled
 from .base import ArmContext, ArmResult, Claim, Primary, RunOutput, register
 from .criteria import AllFinite, AllOf, Compare
@@ -64,44 +65,14 @@ class PIHCProtocol(Protocol):
 
 
 # ------------------------------------------------------------------------------------------ model
-class SpectralConv2d(nn.Module):
-    """Fourier layer of an FNO: keep the lowest ``modes`` frequencies of each axis, mix channels there."""
+def fno_net(out: int, modes: int, width: int, layers: int) -> nn.Module:
+    """(batch, 3, nt, nx) of (t, x, u0) -> (batch, nt, nx, out): :class:`gradkit.nn.fno.FNO2d`, channels last."""
+    return nn.Sequential(FNO2d(3, out, width, modes, layers), _ChannelsLast())
 
-    def __init__(self, width: int, modes: int) -> None:
-        super().__init__()
-        self.modes = modes
-        scale = 1.0 / (width * width)
-        self.w1 = nn.Parameter(scale * torch.randn(width, width, modes, modes, dtype=torch.cfloat))
-        self.w2 = nn.Parameter(scale * torch.randn(width, width, modes, modes, dtype=torch.cfloat))
 
+class _ChannelsLast(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
-        b, c, h, w = x.shape
-        m = self.modes
-        xf = torch.fft.rfft2(x)
-        out = torch.zeros(b, c, h, w // 2 + 1, dtype=xf.dtype, device=x.device)
-        out[:, :, :m, :m] = torch.einsum("bixy,ioxy->boxy", xf[:, :, :m, :m], self.w1.to(xf.dtype))
-        out[:, :, -m:, :m] = torch.einsum("bixy,ioxy->boxy", xf[:, :, -m:, :m], self.w2.to(xf.dtype))
-        return torch.fft.irfft2(out, s=(h, w))
-
-
-class FNO2d(nn.Module):
-    """Lift (t, x, u0) to ``width`` channels, ``layers`` Fourier layers with 1x1 skips and GELU, project to
-    ``out`` channels: (batch, 3, nt, nx) -> (batch, nt, nx, out)."""
-
-    def __init__(self, out: int, modes: int, width: int, layers: int) -> None:
-        super().__init__()
-        self.lift = nn.Conv2d(3, width, 1)
-        self.spectral = nn.ModuleList(SpectralConv2d(width, modes) for _ in range(layers))
-        self.skip = nn.ModuleList(nn.Conv2d(width, width, 1) for _ in range(layers))
-        self.head = nn.Sequential(nn.Conv2d(width, 4 * width, 1), nn.GELU(), nn.Conv2d(4 * width, out, 1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.lift(x)
-        for i, (sc, sk) in enumerate(zip(self.spectral, self.skip)):
-            h = sc(h) + sk(h)
-            if i < len(self.spectral) - 1:
-                h = nn.functional.gelu(h)
-        return self.head(h).permute(0, 2, 3, 1)
+        return x.permute(0, 2, 3, 1)
 
 
 # ------------------------------------------------------------------------------------------ physics
@@ -152,7 +123,7 @@ class Solver(nn.Module):
     def __init__(self, physics: Physics, p: PIHCProtocol, experts: tuple[int, int] | None) -> None:
         super().__init__()
         self.physics = physics
-        self.net = FNO2d(1 if experts is None else p.n_basis, p.modes, p.width, p.layers).double()
+        self.net = fno_net(1 if experts is None else p.n_basis, p.modes, p.width, p.layers).double()
         self.layer = None
         if experts is not None:
             k = experts[0] * experts[1]
