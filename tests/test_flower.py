@@ -428,6 +428,48 @@ def _stop(procs):
                 break
 
 
+class _Loopback:
+    """A Flower deployment on 127.0.0.1 in ``folder``: its own FLWR_HOME with a connection named "local",
+    a written app, process logs, and a teardown that kills every process group it started."""
+
+    def __init__(self, folder: Path, connection: str, **app_config):
+        self.folder, self.t0 = folder, time.time()
+        home = folder / "flwr_home"
+        home.mkdir()
+        self.port = _free_port()
+        (home / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
+                                          f'address = "127.0.0.1:{self.port}"\n{connection}\n')
+        self.summary, self.app_dir = folder / "summary.json", folder / "app"
+        write_app(self.app_dir, **{"num-server-rounds": 2, "result-path": str(self.summary),
+                                   "fraction-evaluate": 0.0, "round-timeout": 90.0, **app_config})
+        load_partition(0, 2)  # writes the digits cache that the client processes read
+        self.env = dict(os.environ, FLWR_HOME=str(home), PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+                        PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.2")
+        self.procs, self.logs = [], {}
+
+    def start(self, name, args):
+        self.logs[name] = open(self.folder / f"{name}.log", "w")
+        self.procs.append(subprocess.Popen(args, stdout=self.logs[name], stderr=subprocess.STDOUT, env=self.env,
+                                           cwd=self.folder, start_new_session=True))
+
+    def log(self, name) -> str:
+        return (self.folder / f"{name}.log").read_text()
+
+    def tails(self) -> str:
+        return "\n".join(f"--- {n}\n" + self.log(n)[-3000:] for n in self.logs)
+
+    def flwr(self, *args):
+        left = max(10.0, HANG_GUARD_S - (time.time() - self.t0))
+        return subprocess.run([str(BIN / "flwr"), *args], env=self.env, cwd=self.folder, capture_output=True,
+                              text=True, timeout=left)
+
+    def close(self):
+        _stop(self.procs)
+        for f in self.logs.values():
+            f.close()
+        assert all(p.poll() is not None for p in self.procs)
+
+
 def _tls_material(folder: Path) -> tuple[Path, Path, Path]:
     """A throw-away CA and a server certificate for 127.0.0.1 / localhost, signed by it (PEM files)."""
     import datetime
@@ -484,57 +526,30 @@ def test_tls_authenticated_loopback_refuses_strangers_and_bounds_a_liar(tmp_path
     1000x) and one with an unregistered key; 2 rounds finish with the registered two, the liar capped."""
     from gradkit.distributed.flower import max_shard
 
-    t0 = time.time()
-    home = tmp_path / "flwr_home"
-    home.mkdir()
     ca, cert, key = _tls_material(tmp_path)
-    port = _free_port()
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
-                                      f'address = "127.0.0.1:{port}"\nroot-certificates = "{ca}"\n')
-    summary = tmp_path / "summary.json"
-    app_dir = tmp_path / "app"
-    write_app(app_dir, **{"num-server-rounds": 2, "result-path": str(summary), "fraction-evaluate": 0.0,
-                          "round-timeout": 90.0})
-    load_partition(0, 2)  # writes the digits cache that the client processes read
-    env = dict(os.environ, FLWR_HOME=str(home), PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-               PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.2")
-    procs, logs = [], {}
-
-    def start(name, args):
-        logs[name] = open(tmp_path / f"{name}.log", "w")
-        procs.append(subprocess.Popen(args, stdout=logs[name], stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
-                                      start_new_session=True))
-
-    def tails():
-        return "\n".join(f"--- {n}\n" + (tmp_path / f"{n}.log").read_text()[-3000:] for n in logs)
-
-    def flwr(*args):
-        left = max(10.0, HANG_GUARD_S - (time.time() - t0))
-        return subprocess.run([str(BIN / "flwr"), *args], env=env, cwd=tmp_path, capture_output=True, text=True,
-                              timeout=left)
-
+    fed = _Loopback(tmp_path, f'root-certificates = "{ca}"')
     keys = [_node_keys(tmp_path, f"node{i}") for i in range(3)]
     try:
-        start("superlink", [str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert),
+        fed.start("superlink", [str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert),
                             "--ssl-keyfile", str(key), "--enable-supernode-auth", "--host", "127.0.0.1", "--port",
-                            str(port), "--database", str(tmp_path / "state.db"),
+                            str(fed.port), "--database", str(tmp_path / "state.db"),
                             "--disable-runtime-dependency-installation"])
         for i in (0, 1):  # node 2's key is never registered
             while True:  # retry until the SuperLink answers
-                r = flwr("supernode", "register", str(keys[i][1]), "local")
-                if r.returncode == 0 or time.time() - t0 > HANG_GUARD_S / 3:
+                r = fed.flwr("supernode", "register", str(keys[i][1]), "local")
+                if r.returncode == 0 or time.time() - fed.t0 > HANG_GUARD_S / 3:
                     break
                 time.sleep(0.5)
-            assert r.returncode == 0, r.stdout + r.stderr + tails()
+            assert r.returncode == 0, r.stdout + r.stderr + fed.tails()
         for i, extra in enumerate(["", " inflate=1000", ""]):
-            start(f"node{i}", [str(BIN / "flower-supernode"), "--root-certificates", str(ca),
+            fed.start(f"node{i}", [str(BIN / "flower-supernode"), "--root-certificates", str(ca),
                                "--auth-supernode-private-key", str(keys[i][0]),
-                               "--superlink", f"127.0.0.1:{port}", "--port", str(_free_port()),
+                               "--superlink", f"127.0.0.1:{fed.port}", "--port", str(_free_port()),
                                "--node-config", f"partition-id={i % 2} num-partitions=2{extra}"])
-        r = flwr("run", str(app_dir), "local", "--stream")
+        r = fed.flwr("run", str(fed.app_dir), "local", "--stream")
         out = r.stdout + r.stderr
-        assert r.returncode == 0, out + tails()
-        s = json.loads(summary.read_text())
+        assert r.returncode == 0, out + fed.tails()
+        s = json.loads(fed.summary.read_text())
         nodes = {cid for _, cid in s["accepted"]}
         assert len(s["accepted"]) == 4 and len(nodes) == 2 and not s["rejections"], s
         cap = max_shard(2)
@@ -542,16 +557,13 @@ def test_tls_authenticated_loopback_refuses_strangers_and_bounds_a_liar(tmp_path
         assert all(c["reported"] == 1000 * c["used"] or c["reported"] > 100 * cap for c in s["capped"])
         assert len({c["client_id"] for c in s["capped"]} & nodes) == 1 and s["final_finite"]
         assert "reported" in out and "more than any node holds" in out  # logged in the server's stream
-        stranger = (tmp_path / "node2.log").read_text().lower()
-        assert "failed to activate supernode" in stranger, tails()  # refused by the SuperLink
-        assert all("failed to activate supernode" not in (tmp_path / f"node{i}.log").read_text().lower()
+        stranger = fed.log("node2").lower()
+        assert "failed to activate supernode" in stranger, fed.tails()  # refused by the SuperLink
+        assert all("failed to activate supernode" not in fed.log(f"node{i}").lower()
                    for i in (0, 1))
-        print(f"TLS loopback run: {time.time() - t0:.1f} s")  # not asserted (no wall-time tests)
+        print(f"TLS loopback run: {time.time() - fed.t0:.1f} s")  # not asserted (no wall-time tests)
     finally:
-        _stop(procs)
-        for f in logs.values():
-            f.close()
-    assert all(p.poll() is not None for p in procs)
+        fed.close()
 
 
 @pytest.mark.slow
@@ -559,49 +571,27 @@ def test_tls_authenticated_loopback_refuses_strangers_and_bounds_a_liar(tmp_path
 @pytest.mark.skipif(not (BIN / "flower-superlink").exists(), reason="flower-superlink is not installed next to python")
 def test_loopback_superlink_two_supernodes_flwr_run(tmp_path):
     """A real SuperLink and two SuperNodes on 127.0.0.1; node 1 sends NaNs; 2 rounds finish with node 0's update."""
-    t0 = time.time()
-    home = tmp_path / "flwr_home"
-    home.mkdir()
-    port = _free_port()
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
-                                      f'address = "127.0.0.1:{port}"\ninsecure = true\n')
-    summary = tmp_path / "summary.json"
-    app_dir = tmp_path / "app"
     # no federated evaluation here (the in-process test covers it): each message costs a fresh
     # flwr-clientapp process that imports torch, so 2 rounds x 2 nodes x train = 4 process starts
-    write_app(app_dir, **{"num-server-rounds": 2, "result-path": str(summary), "attack-iters": 5,
-                          "fraction-evaluate": 0.0, "round-timeout": 90.0})
-    load_partition(0, 2)  # writes the digits cache that the client processes read
-    env = dict(os.environ, FLWR_HOME=str(home), PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-               PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.2")
-    procs, logs = [], {}
-
-    def start(name, args):
-        logs[name] = open(tmp_path / f"{name}.log", "w")
-        procs.append(subprocess.Popen(args, stdout=logs[name], stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
-                                      start_new_session=True))
-
-    def tails():
-        return "\n".join(f"--- {n}\n" + (tmp_path / f"{n}.log").read_text()[-3000:] for n in logs)
-
+    fed = _Loopback(tmp_path, "insecure = true", **{"attack-iters": 5})
     try:
-        start("superlink", [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
-                            "--database", str(tmp_path / "state.db"), "--disable-runtime-dependency-installation"])
+        fed.start("superlink", [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port",
+                                str(fed.port), "--database", str(tmp_path / "state.db"),
+                                "--disable-runtime-dependency-installation"])
         for i, extra in enumerate(["", ' corrupt="nan"']):
-            start(f"node{i}", [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
-                               "--port", str(_free_port()), "--node-config",
-                               f"partition-id={i} num-partitions=2{extra}"])
+            fed.start(f"node{i}", [str(BIN / "flower-supernode"), "--insecure", "--superlink",
+                                   f"127.0.0.1:{fed.port}", "--port", str(_free_port()), "--node-config",
+                                   f"partition-id={i} num-partitions=2{extra}"])
         out = None
-        while time.time() - t0 < HANG_GUARD_S / 2:  # retry until the SuperLink answers
-            r = subprocess.run([str(BIN / "flwr"), "run", str(app_dir), "local", "--stream"], env=env, cwd=tmp_path,
-                               capture_output=True, text=True, timeout=max(10.0, HANG_GUARD_S - (time.time() - t0)))
+        while time.time() - fed.t0 < HANG_GUARD_S / 2:  # retry until the SuperLink answers
+            r = fed.flwr("run", str(fed.app_dir), "local", "--stream")
             out = r.stdout + r.stderr
             if r.returncode == 0 or "unavailable" not in out.lower():
                 break
             time.sleep(0.5)
-        assert r.returncode == 0, out + tails()
-        assert summary.exists(), out + tails()
-        s = json.loads(summary.read_text())
+        assert r.returncode == 0, out + fed.tails()
+        assert fed.summary.exists(), out + fed.tails()
+        s = json.loads(fed.summary.read_text())
         ids = {tuple(a) for a in s["accepted"]}
         assert {r_["round"] for r_ in s["rejections"]} == {1, 2} and len(s["rejections"]) == 2, s
         assert all("non-finite" in r_["reason"] for r_ in s["rejections"])
@@ -611,9 +601,6 @@ def test_loopback_superlink_two_supernodes_flwr_run(tmp_path):
         assert s["final_finite"] and set(s["train_metrics"]) == {"1", "2"}
         assert [a["client_id"] for a in s["attacks"]] == [next(iter(good))] * 2  # the curious server looked
         assert "rejected the update of node" in out and "non-finite" in out  # logged in the server's stream
-        print(f"loopback run: {time.time() - t0:.1f} s")  # ~25-45 s on 2 cores; not asserted (no wall-time tests)
+        print(f"loopback run: {time.time() - fed.t0:.1f} s")  # ~25-45 s on 2 cores; not asserted (no wall-time tests)
     finally:
-        _stop(procs)
-        for f in logs.values():
-            f.close()
-    assert all(p.poll() is not None for p in procs)
+        fed.close()
