@@ -97,6 +97,21 @@ def test_unwritable_database_is_a_clear_error(tmp_path):
     assert r.returncode == 2 and "cannot be used" in r.stderr
 
 
+def _wait_for_rows(db, n, proc, limit_s):
+    """Wait until ``db`` holds ``n`` runs while ``proc`` is alive (the database may not exist yet)."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        if db.exists():
+            try:
+                if len(rows(db)) >= n:
+                    return
+            except sqlite3.OperationalError:
+                pass
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"the run did not store {n} runs in {limit_s} s"
+        time.sleep(0.05)
+
+
 def test_reproduce_resumes_after_kill_9(tmp_path):
     db = tmp_path / "r.db"
     gate = tmp_path / "gate"
@@ -106,17 +121,7 @@ def test_reproduce_resumes_after_kill_9(tmp_path):
     p = subprocess.Popen([sys.executable, "-m", "gradkit", "reproduce", "--only", "fake-gate", "--seeds", "4"],
                          env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 90
-        while True:  # wait until seeds 0 and 1 are stored; seed 2 then blocks on the gate
-            if db.exists():
-                try:
-                    if len(rows(db)) >= 2:
-                        break
-                except sqlite3.OperationalError:
-                    pass
-            assert p.poll() is None, p.communicate()
-            assert time.monotonic() < deadline, "reproduce did not store two runs"
-            time.sleep(0.05)
+        _wait_for_rows(db, 2, p, 90)  # seeds 0 and 1 stored; seed 2 then blocks on the gate
         p.send_signal(signal.SIGKILL)
         p.wait(timeout=30)
     finally:
@@ -167,17 +172,7 @@ def test_parallel_reproduce_resumes_after_kill_9_of_every_process(tmp_path):
                           "--jobs", "2"], env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          start_new_session=True)
     try:
-        deadline = time.monotonic() + 300
-        while True:  # seeds 0 and 1 stored by the workers; 2 and 3 block on the gate
-            if db.exists():
-                try:
-                    if len(rows(db)) >= 2:
-                        break
-                except sqlite3.OperationalError:
-                    pass
-            assert p.poll() is None, p.communicate()
-            assert time.monotonic() < deadline, "reproduce --jobs 2 did not store two runs"
-            time.sleep(0.05)
+        _wait_for_rows(db, 2, p, 300)  # seeds 0 and 1 stored by the workers; 2 and 3 block on the gate
         os.killpg(p.pid, signal.SIGKILL)  # the parent and its workers, as a power cut would
         p.wait(timeout=30)
     finally:
