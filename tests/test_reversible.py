@@ -245,3 +245,28 @@ def test_constructor_errors():
     st = ReversibleBlock(nn.Identity(), nn.Identity(), -1).step()
     with pytest.raises(ValueError, match="only steps\\[0\\] may be a first step"):
         MultiLevelReversibleFunction.run([st, ReversibleStep(st.fns, None)], None, [torch.zeros(1, 2)] * 2)
+
+
+def test_recompute_updates_running_statistics_once_for_any_module():
+    """EvoNorm-B0 (not a BatchNorm) inside a reversible block: running_var moves once per forward, as in
+    plain autograd, although backward runs F and G a second time."""
+    from gradkit.nn import EvoNormB0
+
+    class Img(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = EvoNormB0(1)
+
+        def forward(self, x):
+            return self.norm(x.reshape(x.shape[0], 1, 2, 2)).reshape(x.shape)
+
+    torch.manual_seed(0)
+    seq = ReversibleSequential(ReversibleBlock(Img(), Img(), split_dim=-1))
+    twin = copy.deepcopy(seq)
+    twin.reversible = False
+    x = torch.randn(6, 8, dtype=torch.float64)
+    seq.double()(x).sum().backward()
+    twin.double()(x).sum().backward()
+    for a, b in zip(seq.buffers(), twin.buffers()):
+        assert torch.allclose(a, b, rtol=1e-12, atol=0)
+    assert not torch.allclose(seq.blocks[0].f.norm.running_var, torch.ones(1, dtype=torch.float64))

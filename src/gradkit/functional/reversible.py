@@ -43,7 +43,6 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
-from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = ["ReversibleStep", "MultiLevelReversibleFunction", "run_steps", "invert_steps", "collect_params",
            "bn_state_guard", "DriftMonitor"]
@@ -123,23 +122,27 @@ def _probe(t: Tensor) -> tuple[Tensor, Tensor]:
 # ------------------------------------------------------------------------------ helpers
 @contextlib.contextmanager
 def bn_state_guard(modules: Sequence[nn.Module]) -> Iterator[None]:
-    """Restore every BatchNorm's running statistics (and batch counter) of ``modules`` on exit.
+    """Restore every buffer of ``modules`` that the enclosed code changed in place (running statistics).
 
-    Used around the recomputation in backward so statistics are updated once per forward.
+    Used around the recomputation in backward so that state updated by a forward pass (BatchNorm's
+    running mean/variance and batch counter, EvoNorm-B0's running variance, Mesa's EMA ranges, any
+    module's running buffers) is updated once per forward, not again by the recomputation. Every buffer is
+    copied back: native kernels (BatchNorm's) update running statistics without bumping the tensor's
+    version counter, so a version check would miss them.
     """
     saved = []
+    seen: set[int] = set()
     for mod in modules:
-        for m in mod.modules():
-            if isinstance(m, _BatchNorm) and m.track_running_stats and m.training:
-                saved.append((m, [None if b is None else b.clone() for b in
-                                  (m.running_mean, m.running_var, m.num_batches_tracked)]))
+        for b in mod.buffers():
+            if b is not None and id(b) not in seen:
+                seen.add(id(b))
+                saved.append((b, b.clone()))
     try:
         yield
     finally:
-        for m, (rm, rv, nb) in saved:
-            for buf, val in ((m.running_mean, rm), (m.running_var, rv), (m.num_batches_tracked, nb)):
-                if buf is not None and val is not None:
-                    buf.copy_(val)
+        with torch.no_grad():
+            for buf, val in saved:
+                buf.copy_(val)
 
 
 def _call_level(fn: nn.Module, lower: Tensor | None, upper: Tensor | None, where: str) -> Tensor:
