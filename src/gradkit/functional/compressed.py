@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .._validate import integer, positive_int, real_scalar
+from .._validate import integer, optional_generator, positive_int, real_scalar
 
 EPS = 1e-8
 
@@ -114,7 +114,9 @@ class ActQuantizer(nn.Module):
     Buffers ``alpha`` (range) and ``beta`` (offset), shape (groups,), are updated in every training
     ``pack``: alpha <- lambda alpha + (1 - lambda)(max - min), beta <- lambda beta + (1 - lambda) min
     (first call: copied). ``pack(x) -> (codes, alpha, beta)`` snapshots the ranges used;
-    ``unpack(codes, alpha, beta) -> x_hat``.
+    ``unpack(codes, alpha, beta) -> x_hat``. Stochastic rounding draws from ``generator`` (an attribute,
+    settable later) or, when it is None, from the global RNG: then every random draw after a Mesa layer
+    (dropout masks, noise) differs from the same model in float32 with the same seed.
 
     >>> q = ActQuantizer(bits=8, groups=4, group_dim=1)      # (B, H, N, D): groups of heads
     >>> codes, a, b = q.pack(torch.randn(2, 4, 5, 3))
@@ -123,8 +125,9 @@ class ActQuantizer(nn.Module):
     """
 
     def __init__(self, bits: int = 8, groups: int = 1, group_dim: int = -1, ema_decay: float = 0.9,
-                 stochastic: bool = True) -> None:
+                 stochastic: bool = True, generator: torch.Generator | None = None) -> None:
         super().__init__()
+        self.generator = optional_generator(generator)
         self.bits = integer("bits", bits, low=1, high=16)
         self.groups = positive_int("groups", groups)
         self.group_dim = integer("group_dim", group_dim)
@@ -164,7 +167,7 @@ class ActQuantizer(nn.Module):
         self.last_dtype = x.dtype
         alpha, beta = self.alpha.detach().clone(), self.beta.detach().clone()
         codes = quantize(x, alpha, beta, bits=self.bits, groups=self.groups, group_dim=self.group_dim,
-                         stochastic=self.stochastic)
+                         stochastic=self.stochastic, generator=self.generator)
         return codes, alpha, beta
 
     def unpack(self, codes: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
