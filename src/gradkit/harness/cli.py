@@ -457,6 +457,49 @@ def cmd_bench(args) -> int:
     return EXIT_OK if all(o.passed is not False for o in out) else EXIT_FAIL
 
 
+def cmd_compose(args) -> int:
+    from .compose import FAMILIES, check_pair, run_matrix
+
+    if args.list:
+        w = max(len(n) for n in FAMILIES)
+        for f in FAMILIES.values():
+            print(f"{f.name.ljust(w)}  {f.kind:<9}  {f.description}  [{f.components}]")
+        return EXIT_OK
+    if len(args.families) > 2:
+        raise UsageError(f"give no family (the whole matrix), one (alone) or two (a pair), got {len(args.families)}")
+    for n in args.families:
+        if n not in FAMILIES:
+            raise UsageError(f"unknown family {n!r}; known: {', '.join(FAMILIES)}")
+    store = _store(args)
+    order = list(FAMILIES)
+
+    def line(c) -> str:
+        pair = c.a if c.a == c.b else f"{c.a} + {c.b}"
+        return f"{pair:<36} {c.status:<9} {c.reason}"
+
+    if args.families:
+        a, b = sorted(args.families, key=order.index) if len(args.families) == 2 else args.families * 2
+        cells = [check_pair(a, b)]
+        if not args.json:
+            print(line(cells[0]))
+    else:
+        show = None if args.json else (lambda c: print(line(c), flush=True))
+        cells = run_matrix(progress=show)
+    store.add_compose([{"a": c.a, "b": c.b, "status": c.status, "reason": c.reason,
+                        "max_rel_err": c.max_rel_err, "seconds": c.seconds} for c in cells])
+    green = sum(c.green for c in cells)
+    if args.json:
+        print(json.dumps([{"a": c.a, "b": c.b, "status": c.status, "reason": c.reason,
+                           "max_rel_err": None if c.max_rel_err != c.max_rel_err else c.max_rel_err,
+                           "seconds": c.seconds} for c in cells], indent=2))
+    elif len(cells) > 1:
+        print(f"{green} of {len(cells)} cells green ({sum(c.status == 'ok' for c in cells)} exact, "
+              f"{sum(c.status == 'invariant' for c in cells)} invariant held, "
+              f"{sum(c.status == 'error' for c in cells)} documented errors, "
+              f"{len(cells) - green} broken); stored in {store.path}")
+    return EXIT_OK if green == len(cells) else EXIT_FAIL
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
@@ -525,6 +568,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--readme", default=None, metavar="FILE",
                     help="also write the line into FILE between <!-- gradkit:summary --> markers")
     sp.set_defaults(func=cmd_summary)
+
+    sp = sub.add_parser("compose", help="check which techniques stack in one model (gradients vs a plain reference)")
+    sp.add_argument("families", nargs="*", metavar="FAMILY",
+                    help="none: every pair; one: that family alone; two: that pair (see --list)")
+    sp.add_argument("--list", action="store_true", help="list the families and exit")
+    sp.add_argument("--db", default=None)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_compose)
 
     sp = sub.add_parser("bench", help="time components against plain PyTorch (ratios, one process)")
     sp.add_argument("names", nargs="*", metavar="NAME")

@@ -205,6 +205,11 @@ def _table(header: list[str], rows: list[list], verdict_col: int | None = None, 
     return ("table", header, rows, verdict_col, cls)
 
 
+def _grid_block(names: list[str], cells: dict, legend: dict[str, str]) -> tuple:
+    """A square grid: ``cells[(a, b)] = (status, reason)`` for a <= b in ``names`` order."""
+    return ("grid", names, cells, legend)
+
+
 def _img(src: str, alt: str) -> tuple:
     return ("img", src, alt)
 
@@ -275,6 +280,16 @@ def _render_md(blocks: list) -> str:
             md.append("")
         elif kind == "img":
             md += [f"![{b[2]}]({b[1]})", ""]
+        elif kind == "grid":
+            _, names, cells, legend = b
+            md.append("| | " + " | ".join(names) + " |")
+            md.append("|" + "---|" * (len(names) + 1))
+            for i, a in enumerate(names):
+                row = [cells.get((a, c), ("", ""))[0] if j >= i else "" for j, c in enumerate(names)]
+                md.append(f"| **{a}** | " + " | ".join(legend.get(v, v) for v in row) + " |")
+            md.append("")
+            odd = [(k, v) for k, v in cells.items() if v[0] != "ok"]
+            md += [f"- {a}{'' if a == c else ' + ' + c}: {v[0]} — {_md_escape(v[1])}" for (a, c), v in odd] + [""]
     return "\n".join(md) + "\n"
 
 
@@ -283,7 +298,9 @@ _CSS = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:auto;padd
         "vertical-align:top}th{background:#f4f4f4}code{font-size:12px}"
         ".PASS{color:#070;font-weight:bold}.FAIL{color:#b00;font-weight:bold}.INCONCLUSIVE{color:#a60;font-weight:bold}"
         ".counts span{margin-right:1.2em;font-size:1.1em}img{max-width:100%;display:block;margin:.5em 0}"
-        "nav ul{columns:3}section{border-top:1px solid #ddd;margin-top:1.5em}")
+        "nav ul{columns:3}section{border-top:1px solid #ddd;margin-top:1.5em}"
+        ".compose td{text-align:center;min-width:2.2em}.c-ok{background:#cfc}.c-invariant{background:#dfd}"
+        ".c-error{background:#ffd}.c-broken{background:#fcc;font-weight:bold}")
 
 
 def _render_html(blocks: list, title: str) -> str:
@@ -314,6 +331,24 @@ def _render_html(blocks: list, title: str) -> str:
             h.append("</table>")
         elif kind == "img":
             h.append(f"<img src='{html.escape(b[1])}' alt='{html.escape(b[2])}' loading='lazy'>")
+        elif kind == "grid":
+            _, names, cells, legend = b
+            h.append("<table class='compose'><tr><th></th>" + "".join(f"<th>{html.escape(n)}</th>" for n in names)
+                     + "</tr>")
+            for i, a in enumerate(names):
+                tds = []
+                for j, c in enumerate(names):
+                    st, why = cells.get((a, c), ("", "")) if j >= i else ("", "")
+                    label = f"{a}" + ("" if a == c else f" + {c}") + f": {st} — {why}"
+                    tds.append(f"<td class='c-{html.escape(st)}' title='{html.escape(label)}'>"
+                               f"{html.escape(legend.get(st, st))}</td>" if st else "<td></td>")
+                h.append(f"<tr><th>{html.escape(a)}</th>" + "".join(tds) + "</tr>")
+            h.append("</table>")
+            odd = [(k, v) for k, v in cells.items() if v[0] != "ok"]
+            if odd:
+                h.append("<ul>" + "".join(f"<li><b>{html.escape(a if a == c else a + ' + ' + c)}</b>: "
+                                          f"<span class='c-{html.escape(v[0])}'>{html.escape(v[0])}</span> — "
+                                          f"{html.escape(v[1])}</li>" for (a, c), v in odd) + "</ul>")
     if open_section:
         h.append("</section>")
     h.append("</body></html>")
@@ -322,6 +357,12 @@ def _render_html(blocks: list, title: str) -> str:
 
 def _anchor(s: Summary, i: int) -> str:
     return f"{s.claim.slug}-{s.scale}-{s.data_mode}" + (f"-set{i}" if s.overrides else "")
+
+
+def _compose_order() -> list[str]:
+    from .compose import FAMILIES
+
+    return list(FAMILIES)
 
 
 def write_report(store: ResultStore, out_dir: Path, scales: Sequence[str] | None = None) -> list[Path]:
@@ -373,7 +414,8 @@ def write_report(store: ResultStore, out_dir: Path, scales: Sequence[str] | None
                      s.verdict.reason, s.verdict.verdict, ", ".join(map(str, s.seeds)), f"{s.duration_s:.0f} s"])
         toc.append((("a", f"{label} — {s.scale}, {s.data}", anchor), " ", ("v", s.verdict.verdict)))
     blocks.append(_h(2, "Contents", "contents"))
-    blocks.append(_ul(toc + ([(("a", "Benchmarks", "benchmarks"),)] if benches else [])))
+    blocks.append(_ul(toc + ([(("a", "Benchmarks", "benchmarks"),)] if benches else [])
+                      + ([(("a", "Composition", "composition"),)] if store.latest_compose() else [])))
     blocks.append(_h(2, "Summary", "summary"))
     blocks.append(_table(header, [[(r[0],)] + r[1:] for r in rows], verdict_col=8, cls="summary"))
     for i, s in enumerate(summaries):
@@ -437,6 +479,26 @@ def write_report(store: ResultStore, out_dir: Path, scales: Sequence[str] | None
                           f"{b.baseline_s * 1e3:.3f}", f"{b.candidate_s * 1e3:.3f}", extra])
         blocks.append(_table(["benchmark", "paper", "ratio", "target", "verdict", "baseline", "baseline ms",
                               "ours ms", "settings"], brows, verdict_col=4, cls="bench"))
+
+    compose = store.latest_compose()
+    if compose:
+        order = _compose_order()
+        names = sorted({c["a"] for c in compose} | {c["b"] for c in compose},
+                       key=lambda n: (order.index(n) if n in order else len(order), n))
+        cells = {(c["a"], c["b"]): (c["status"], c["reason"]) for c in compose}
+        green = sum(c["status"] in ("ok", "invariant", "error") for c in compose)
+        blocks.append(_h(2, "Composition", "composition"))
+        blocks.append(_p("Which techniques stack in one model (", ("c", "gradkit compose"), "). Each cell builds a "
+                         "small float64 model that uses both families, takes one training step, and compares the "
+                         "loss, the gradients after every transform, the parameters after the step and the running "
+                         "statistics with a reference built from plain PyTorch parts. ",
+                         ("b", "ok"), ": equal to 1e-9 relative; ", ("b", "inv"), ": a lossy or stochastic family "
+                         "kept its invariant (Mesa gradients within 5% and fewer saved bytes, gradient noise of the "
+                         "scheduled size) and every exact stage matched; ", ("b", "err"), ": a documented, clear "
+                         "error; ", ("b", "BROKEN"), ": the gradients differ or an exception was unexpected. The "
+                         "diagonal is a family alone.", f" {green} of {len(compose)} cells are green."))
+        blocks.append(_grid_block(names, cells, {"ok": "ok", "invariant": "inv", "error": "err",
+                                                 "broken": "BROKEN"}))
 
     md_path = out_dir / "report.md"
     md_path.write_text(_render_md(blocks), encoding="utf-8")

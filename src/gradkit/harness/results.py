@@ -60,11 +60,27 @@ CREATE TABLE IF NOT EXISTS bench (
     git_rev TEXT,
     created_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS compose (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    a TEXT NOT NULL,
+    b TEXT NOT NULL,
+    status TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    max_rel_err REAL,
+    seconds REAL NOT NULL,
+    versions TEXT NOT NULL,
+    git_rev TEXT,
+    created_at REAL NOT NULL
+);
 """
 
 
 class StoreError(Exception):
     """The results database cannot be opened or written (path, permissions, corruption)."""
+
+
+def _finite_or_none(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
 
 
 def default_db_path() -> Path:
@@ -295,6 +311,34 @@ class ResultStore:
              None if b.passed is None else int(b.passed), b.repeats, json.dumps(_clean(b.extra)), b.device,
              json.dumps(b.versions), b.git_rev, b.created_at),
         )
+
+    # ---- composition matrix -----------------------------------------------------------------
+    def add_compose(self, cells: list[dict[str, Any]]) -> int:
+        """Store composition cells (dicts with a, b, status, reason, max_rel_err, seconds) in one transaction."""
+        now = time.time()
+        versions, rev = json.dumps(environment_versions()), git_revision()
+        rows = [(c["a"], c["b"], c["status"], c["reason"], _finite_or_none(c.get("max_rel_err")),
+                 float(c.get("seconds", 0.0)), versions, rev, now) for c in cells]
+        with self._connect() as con:
+            try:
+                con.execute("BEGIN IMMEDIATE")
+                con.executemany("INSERT INTO compose (a, b, status, reason, max_rel_err, seconds, versions, git_rev, "
+                                "created_at) VALUES (?,?,?,?,?,?,?,?,?)", rows)
+                con.execute("COMMIT")
+            except sqlite3.Error as e:
+                if con.in_transaction:
+                    con.execute("ROLLBACK")
+                raise StoreError(f"cannot write to results database {self.path}: {e}") from None
+        return len(rows)
+
+    def latest_compose(self) -> list[dict[str, Any]]:
+        """The newest stored cell of each family pair."""
+        with self._connect() as con:
+            rows = con.execute(
+                "SELECT a, b, status, reason, max_rel_err, seconds, git_rev, created_at FROM compose WHERE id IN "
+                "(SELECT MAX(id) FROM compose GROUP BY a, b) ORDER BY id").fetchall()
+        keys = ("a", "b", "status", "reason", "max_rel_err", "seconds", "git_rev", "created_at")
+        return [dict(zip(keys, r)) for r in rows]
 
     def latest_benches(self) -> list[BenchRecord]:
         """The newest result of each benchmark, by name."""
