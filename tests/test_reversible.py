@@ -270,3 +270,21 @@ def test_recompute_updates_running_statistics_once_for_any_module():
     for a, b in zip(seq.buffers(), twin.buffers()):
         assert torch.allclose(a, b, rtol=1e-12, atol=0)
     assert not torch.allclose(seq.blocks[0].f.norm.running_var, torch.ones(1, dtype=torch.float64))
+
+
+def test_rng_state_is_kept_only_for_levels_that_draw_random_numbers():
+    torch.manual_seed(0)
+    plain = ReversibleSequential(*[ReversibleBlock(nn.Linear(4, 4), nn.Linear(4, 4), split_dim=-1) for _ in range(3)])
+    def ctx_of(y):  # the reversible Function's node under the final concatenation
+        return y.grad_fn.next_functions[0][0]
+
+    y = plain(torch.randn(5, 8, requires_grad=True))
+    assert ctx_of(y).rng_log == [None] * 6  # nothing to replay: no RNG state retained
+    drop = ReversibleSequential(
+        ReversibleBlock(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)), nn.Linear(4, 4), split_dim=-1),
+        ReversibleBlock(nn.Linear(4, 4), nn.Linear(4, 4), split_dim=-1))
+    y = drop(torch.randn(5, 8, requires_grad=True))
+    kept = [e is not None for e in ctx_of(y).rng_log]
+    assert kept == [True, False, False, False]
+
+

@@ -192,6 +192,10 @@ def _capture_rng(devices: list[int]):
     return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
 
 
+def _same_rng(a, b) -> bool:
+    return torch.equal(a[0], b[0]) and all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
+
+
 def _restore_rng(state, devices: list[int]) -> None:
     cpu, cuda = state
     torch.set_rng_state(cpu)
@@ -204,7 +208,9 @@ def run_steps(steps: Sequence[ReversibleStep], x: Tensor | None, states: Sequenc
     """Apply ``steps`` in order with ordinary autograd (the plain, non-reversible path).
 
     ``states`` are the inputs of the first step (ignored, may be ``None``, when it is a first step).
-    When ``rng_log`` is a list, the RNG state before every level call is appended to it.
+    When ``rng_log`` is a list, one entry per level call is appended to it: the RNG state before the
+    call when the call drew random numbers (the state changed), else ``None`` (nothing to replay, and
+    about 5 KB per level not kept).
     """
     cur = list(states)
     for s, step in enumerate(steps):
@@ -215,9 +221,10 @@ def run_steps(steps: Sequence[ReversibleStep], x: Tensor | None, states: Sequenc
         for k, fn in enumerate(step.fns):
             lower = x if k == 0 else new[k - 1]
             upper = None if (step.first or k == n - 1) else cur[k + 1]
-            if rng_log is not None:
-                rng_log.append(_capture_rng(rng_devices or []))
+            before = _capture_rng(rng_devices or []) if rng_log is not None else None
             out = _call_level(fn, lower, upper, f"step {s}, level {k}")
+            if rng_log is not None:  # keep the state only where the level drew random numbers
+                rng_log.append(None if _same_rng(before, _capture_rng(rng_devices or [])) else before)
             if step.first:
                 new.append(out)
             else:
@@ -328,7 +335,7 @@ class MultiLevelReversibleFunction(torch.autograd.Function):
                         need_lower = lower is not None and (k > 0 or need_x)
                         lower_leaf = lower.detach().requires_grad_(need_lower) if lower is not None else None
                         upper_leaf = upper.detach().requires_grad_(True) if upper is not None else None
-                        if ctx.rng_log is not None:
+                        if ctx.rng_log is not None and ctx.rng_log[offsets[s] + k] is not None:
                             _restore_rng(ctx.rng_log[offsets[s] + k], ctx.devices)
                         with torch.enable_grad():
                             out = fn(lower_leaf, upper_leaf)
@@ -418,8 +425,10 @@ def _exact_grads(ctx, x: Tensor, grad_outs: Sequence[Tensor | None], need_x: boo
     steps, params = ctx.steps, ctx.params
     fns = [f for st in steps for f in st.fns]
     with torch.enable_grad(), bn_state_guard(fns):
-        if ctx.rng_log:
-            _restore_rng(ctx.rng_log[0], ctx.devices)
+        # levels before the first one that drew random numbers drew none: its state is the chain's
+        first = next((e for e in ctx.rng_log if e is not None), None) if ctx.rng_log else None
+        if first is not None:
+            _restore_rng(first, ctx.devices)
         x_leaf = x.detach().requires_grad_(need_x)
         outs = run_steps(steps, x_leaf, [None] * ctx.n_states)
         wrt = [x_leaf] if need_x else []
