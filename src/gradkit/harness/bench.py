@@ -22,6 +22,43 @@ from ..registry import Registry
 
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 _clock = ["wall"]
+_peers = [False]
+
+
+def set_peers(enabled: bool) -> bool:
+    """Turn timing of public peer implementations on or off (``gradkit bench --peers``); returns the old value."""
+    old, _peers[0] = _peers[0], bool(enabled)
+    return old
+
+
+def peers_enabled() -> bool:
+    return _peers[0]
+
+
+def import_peer(module: str):
+    """The peer's module, or None when it is not installed (the benchmark then records it as missing)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None
+
+
+def peer_result(name: str, baseline: Callable[[], object], peer: Callable[[], object] | None, ours_ratio: float,
+                repeats: int) -> dict:
+    """Time a peer's step against the same baseline, interleaved; the entry of ``extra["peers"]``.
+
+    ``ratio`` is peer / baseline (medians), ``ours_vs_peer`` our ratio over the peer's (< 1: we are faster).
+    ``peer=None`` records the peer as not installed.
+    """
+    if peer is None:
+        return {"name": name, "status": "not installed"}
+    r = compare_steps(baseline, peer, repeats=repeats)
+    _measured.pop()  # the peer's timing is not the benchmark's own spread
+    return {"name": name, "status": "ok", "ratio": r.ratio, "ms": r.candidate_s * 1e3,
+            "ours_vs_peer": ours_ratio / r.ratio if r.ratio > 0 else float("inf"),
+            "ratio_min": r.extra["ratio_min"], "ratio_max": r.extra["ratio_max"]}
 
 
 def set_clock(name: str) -> str:
@@ -161,20 +198,22 @@ def load_benchmarks() -> None:
 
 
 def run_benchmarks(names: list[str] | None = None, repeats: int = 30, threads: int | None = 1,
-                   clock: str = "wall"):
+                   clock: str = "wall", peers: bool = False):
     """Run the named (default: all) benchmarks; yield ``(Benchmark, BenchResult)`` pairs.
 
     ``threads``: intra-op threads for the run (default 1: OpenMP spin-waiting makes CPU-clock figures
     at several threads incomparable). ``clock`` (``"wall"`` or ``"cpu"``) is the default clock of
     :func:`compare_steps` meanwhile. Each result's ``extra`` records the clock, the thread count and,
     where the benchmark timed through :func:`compare_steps`, the range of the per-repetition ratios
-    (``ratio_min``, ``ratio_max``, ``pairs``).
+    (``ratio_min``, ``ratio_max``, ``pairs``). ``peers``: benchmarks that have a public peer implementation
+    also time it against the same baseline, in the same process, and list it in ``extra["peers"]``.
     """
     load_benchmarks()
     chosen = names or BENCHMARKS.names()
     benches = [BENCHMARKS.get(n) for n in chosen]
     old = torch.get_num_threads()
     old_clock = set_clock(clock)
+    old_peers = set_peers(peers)
     if threads:
         torch.set_num_threads(threads)
     try:
@@ -186,3 +225,4 @@ def run_benchmarks(names: list[str] | None = None, repeats: int = 30, threads: i
     finally:
         torch.set_num_threads(old)
         set_clock(old_clock)
+        set_peers(old_peers)

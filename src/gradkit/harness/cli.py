@@ -431,7 +431,8 @@ def cmd_bench(args) -> int:
     out = []
     if args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
-    for b, r in run_benchmarks(args.names or None, repeats=args.repeats, clock=args.clock, threads=args.threads):
+    for b, r in run_benchmarks(args.names or None, repeats=args.repeats, clock=args.clock, threads=args.threads,
+                               peers=args.peers):
         passed = None if b.target is None else bool(r.ratio <= b.target)
         rec = BenchRecord(name=b.name, slug=b.slug, description=b.description, baseline=b.baseline,
                           baseline_s=r.baseline_s, candidate_s=r.candidate_s, ratio=r.ratio, target=b.target,
@@ -447,9 +448,17 @@ def cmd_bench(args) -> int:
             print(f"{b.name:<28} {r.ratio:6.3f}x{spread}  (target {tgt}, {verdict})  "
                   f"{b.baseline}: {r.baseline_s * 1e3:.3f} ms, ours: {r.candidate_s * 1e3:.3f} ms  [{b.slug}]",
                   flush=True)
-            if r.extra:  # e.g. saved-bytes ratios and the settings measured
+            for peer in r.extra.get("peers", []):
+                if peer["status"] != "ok":
+                    print(f"    peer {peer['name']}: {peer['status']} (pip install 'gradkit[peers]')", flush=True)
+                else:
+                    print(f"    peer {peer['name']}: {peer['ratio']:.3f}x [{peer['ratio_min']:.3f}-"
+                          f"{peer['ratio_max']:.3f}] ({peer['ms']:.3f} ms); ours / peer = "
+                          f"{peer['ours_vs_peer']:.3f}", flush=True)
+            shown = {k: v for k, v in r.extra.items() if k != "peers"}
+            if shown:  # e.g. saved-bytes ratios and the settings measured
                 print("    " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                         for k, v in r.extra.items()), flush=True)
+                                         for k, v in shown.items()), flush=True)
     if args.json:
         print(json.dumps([{"name": o.name, "slug": o.slug, "ratio": o.ratio, "target": o.target,
                            "passed": o.passed, "baseline_ms": o.baseline_s * 1e3, "ours_ms": o.candidate_s * 1e3,
@@ -584,6 +593,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="wall time (default) or CPU time of the process (steadier on a shared machine)")
     sp.add_argument("--threads", type=int, default=1,
                     help="intra-op threads while timing (default 1; stored with each result)")
+    sp.add_argument("--peers", action="store_true",
+                    help="also time the public peer implementations (revlib, torch_tract, captum, opacus) against "
+                         "the same baseline in the same run, where installed (pip install 'gradkit[peers]')")
     sp.add_argument("--db", default=None)
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_bench)

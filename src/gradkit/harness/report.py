@@ -463,22 +463,32 @@ def write_report(store: ResultStore, out_dir: Path, scales: Sequence[str] | None
         blocks.append(_h(2, "Benchmarks", "benchmarks"))
         blocks.append(_p("Per-step time of each component as a ratio to its plain-PyTorch baseline, interleaved "
                          "in one process: the ratio of the medians, then [min-max] of the per-repetition ratios and "
-                         "the number of timed pairs; the clock and thread count are listed with each."))
+                         "the number of timed pairs; the clock and thread count are listed with each. 'vs best "
+                         "peer' is our ratio over the fastest public implementation's ratio to the same baseline, "
+                         "timed in the same run (`gradkit bench --peers`; below 1: ours is faster)."))
         brows = []
         for b in benches:
             tgt = f"<= {b.target:.2f}x" if b.target is not None else "-"
             verdict = "-" if b.passed is None else ("PASS" if b.passed else "FAIL")
-            shown = {k: v for k, v in b.extra.items() if k not in ("ratio_min", "ratio_max", "pairs")}
+            shown = {k: v for k, v in b.extra.items() if k not in ("ratio_min", "ratio_max", "pairs", "peers")}
+            timed = [p for p in b.extra.get("peers", []) if p.get("status") == "ok"]
+            if timed:
+                best = min(timed, key=lambda p: p["ratio"])
+                vs_peer = f"{best['ours_vs_peer']:.3f} ({best['name']}: {best['ratio']:.3f}x)"
+            elif b.extra.get("peers"):
+                vs_peer = ", ".join(f"{p['name']}: {p['status']}" for p in b.extra["peers"])
+            else:
+                vs_peer = "-"
             extra = ", ".join(f"{k}={val:.4g}" if isinstance(val, float) else f"{k}={val}" for k, val in shown.items())
             ratio = f"{b.ratio:.3f}x"
             if "ratio_min" in b.extra:
                 ratio += f" [{b.extra['ratio_min']:.3f}-{b.extra['ratio_max']:.3f}], {b.extra['pairs']} pairs"
             else:
                 ratio += f", {b.repeats} repeats"
-            brows.append([b.name, b.slug, ratio, tgt, verdict, b.baseline,
+            brows.append([b.name, b.slug, ratio, tgt, verdict, vs_peer, b.baseline,
                           f"{b.baseline_s * 1e3:.3f}", f"{b.candidate_s * 1e3:.3f}", extra])
-        blocks.append(_table(["benchmark", "paper", "ratio", "target", "verdict", "baseline", "baseline ms",
-                              "ours ms", "settings"], brows, verdict_col=4, cls="bench"))
+        blocks.append(_table(["benchmark", "paper", "ratio", "target", "verdict", "vs best peer", "baseline",
+                              "baseline ms", "ours ms", "settings"], brows, verdict_col=4, cls="bench"))
 
     compose = store.latest_compose()
     if compose:

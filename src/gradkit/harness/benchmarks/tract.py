@@ -12,7 +12,7 @@ import copy
 import torch
 from torch import nn
 
-from ..bench import Benchmark, BenchResult, compare_steps, register_benchmark
+from ..bench import Benchmark, BenchResult, compare_steps, import_peer, peer_result, peers_enabled, register_benchmark
 from ...nn.tract import tract
 
 BATCH = 64
@@ -47,9 +47,20 @@ def _runner(shape: str):
         model[0] = tract(model[0], lambda_=0.1)
         x = torch.randn(BATCH, channels, size, size, generator=gen)
         y = torch.randint(0, 10, (BATCH,), generator=gen)
-        res = compare_steps(_make_step(plain, x, y), _make_step(model, x, y), repeats=repeats)
-        return BenchResult(res.baseline_s, res.candidate_s,
-                           extra={"batch": BATCH, "input": [channels, size, size], "lambda": 0.1})
+        base = _make_step(plain, x, y)
+        res = compare_steps(base, _make_step(model, x, y), repeats=repeats)
+        extra = {"batch": BATCH, "input": [channels, size, size], "lambda": 0.1}
+        if peers_enabled():
+            tt = import_peer("torch_tract")
+            peer = None
+            if tt is not None:
+                theirs = copy.deepcopy(plain)
+                first = tt.TrActConv2d(channels, 32, 3, padding=1, lambda_=0.1)
+                first.load_state_dict(plain[0].state_dict())
+                theirs[0] = first
+                peer = _make_step(theirs, x, y)
+            extra["peers"] = [peer_result("torch_tract", base, peer, res.ratio, repeats)]
+        return BenchResult(res.baseline_s, res.candidate_s, extra=extra)
 
     return run
 
