@@ -19,6 +19,7 @@ from .unit_matching import (ActivationRecorder, JointClusters, SparseFit, Sparse
                             partner_r2, prediction_r2, standardize, unit_correlation, units_view)
 from .feature_weights import LayerOutputs, feature_weights
 from .linear_eval import linear_probe
+from .negative_weights import NegativeWeights, negative_weight_stats
 
 __all__ = ["proxy_a_distance", "estimating_error", "gradient_stability", "quantization_error",
            "biper_quantization_error",
@@ -34,4 +35,4 @@ __all__ = ["proxy_a_distance", "estimating_error", "gradient_stability", "quanti
            "per_example_grads", "check_per_example_model", "hessian_top_eigenvalue", "SharpnessTracker",
            "ActivationRecorder", "collect_activations", "units_view", "standardize", "dead_units",
            "unit_correlation", "UnitMatch", "match_units", "chance_correlation", "SparseStitch", "SparseFit",
-           "fit_sparse_prediction", "partner_r2", "prediction_r2", "JointClusters", "joint_spectral_clusters", "feature_weights", "LayerOutputs", "linear_probe"]
+           "fit_sparse_prediction", "partner_r2", "prediction_r2", "JointClusters", "joint_spectral_clusters", "feature_weights", "LayerOutputs", "linear_probe", "NegativeWeights", "negative_weight_stats"]
