@@ -288,3 +288,26 @@ def test_rng_state_is_kept_only_for_levels_that_draw_random_numbers():
     assert kept == [True, False, False, False]
 
 
+
+
+def test_retained_bytes_flat_in_depth():
+    """What a forward leaves allocated (profiler records: output, saved input, any ctx state such as RNG
+    states) does not grow with the number of blocks; the plain twin's does."""
+    from gradkit.testing import RetainedBytesMeter
+
+    def retained(seq):
+        x = torch.randn(16, 64, requires_grad=True)
+        with RetainedBytesMeter() as m:
+            y = seq(x)
+        del y
+        return m.bytes
+
+    def stack(n, reversible=True):
+        torch.manual_seed(0)
+        return ReversibleSequential(*[ReversibleBlock(nn.Linear(32, 32), nn.Linear(32, 32), split_dim=-1)
+                                      for _ in range(n)], reversible=reversible)
+
+    r2, r8 = retained(stack(2)), retained(stack(8))
+    assert abs(r8 - r2) <= 1024  # flat (allocator rounding aside)
+    p2, p8 = retained(stack(2, False)), retained(stack(8, False))
+    assert p8 - p2 > 6 * 16 * 32 * 4  # the twin keeps every block's activations

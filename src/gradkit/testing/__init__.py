@@ -6,6 +6,9 @@
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from typing import Callable, Iterable
 
 import torch
@@ -94,4 +97,60 @@ def assert_no_hooks_left(model: nn.Module, before: int = 0) -> None:
         raise AssertionError(f"{now - before} hook(s) left on the model (had {before}, now {now})")
 
 
-__all__ = ["param_grads", "assert_same_grads", "SavedBytesMeter", "count_hooks", "assert_no_hooks_left"]
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence C-level stderr (the profiler prints start/stop lines there) for the enclosed call."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # no real stderr (captured): nothing to silence
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), fd)
+            yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+
+
+class RetainedBytesMeter:
+    """Net bytes allocated inside the ``with`` block and still held when it ends (CPU and CUDA).
+
+    Saved-tensor hooks (:class:`SavedBytesMeter`) see only what autograd saves through them; state that a
+    custom Function keeps on ``ctx`` (RNG states, Python lists of tensors) or that modules keep escapes
+    them. This meter reads PyTorch's profiler memory records instead: every allocation minus every free in
+    the block, so outputs, saved tensors and any other kept state all count. Run the forward (and keep its
+    output) inside the block; compare two models by the difference or the ratio.
+
+    >>> with RetainedBytesMeter() as m:
+    ...     y = (torch.randn(1000, requires_grad=True) * 2).sin()
+    >>> m.bytes >= 4000
+    True
+    """
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self._prof = None
+
+    def __enter__(self) -> "RetainedBytesMeter":
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        self._prof = profile(activities=acts, profile_memory=True)
+        with _quiet_stderr():
+            self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with _quiet_stderr():
+            self._prof.__exit__(*exc)
+        stats = self._prof.key_averages()
+        self.bytes = int(sum(e.self_cpu_memory_usage for e in stats)
+                         + sum(getattr(e, "self_device_memory_usage", 0) or 0 for e in stats))
+
+
+__all__ = ["param_grads", "assert_same_grads", "SavedBytesMeter", "RetainedBytesMeter", "count_hooks",
+           "assert_no_hooks_left"]

@@ -7,7 +7,10 @@ Linear(256, 256) + ReLU on the two halves of a 512-wide input, and a convolution
 (:class:`gradkit.nn.ReversibleSequential`) stores only the output and recomputes in backward. Every step is
 zero_grad, forward, a squared-output loss, backward and SGD. With ``--peers`` revlib's
 ``ReversibleSequential`` on the same F, G modules is timed against the same baseline. The reported
-``saved_ratio`` is the bytes autograd saves for backward, ours over the baseline's.
+``saved_ratio`` is the bytes autograd saves for backward (saved-tensor hooks), ours over the baseline's;
+``retained_ratio`` the bytes a forward leaves allocated (profiler memory records: the output, saved
+tensors and anything kept on ``ctx``, RNG states included), ours over the baseline's, and ``retained_kb``
+ours in KiB, which stays flat in depth.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import torch
 from torch import nn
 
 from ...nn import ReversibleBlock, ReversibleSequential
+from ...testing import RetainedBytesMeter
 from ..bench import (Benchmark, BenchResult, compare_steps, forward_saved_bytes, import_peer, peer_result,
                      peers_enabled, register_benchmark)
 
@@ -41,6 +45,14 @@ class _PlainCoupling(nn.Module):
             x1 = x1 + f(x2)
             x2 = x2 + g(x1)
         return torch.cat([x1, x2], dim=1)
+
+
+def _retained(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes a training forward leaves allocated (output, saved tensors, anything kept on ctx or modules)."""
+    with RetainedBytesMeter() as m:
+        out = model(x)
+    del out
+    return m.bytes
 
 
 def _step(model: nn.Module, x: torch.Tensor):
@@ -71,7 +83,8 @@ def _runner(kind: str, depth: int):
         base = _step(plain, x)
         res = compare_steps(base, _step(ours, x), repeats=repeats)
         extra = {"depth": depth, "batch": batch, "input": list(shape[1:]),
-                 "saved_ratio": forward_saved_bytes(ours, x) / forward_saved_bytes(plain, x)}
+                 "saved_ratio": forward_saved_bytes(ours, x) / forward_saved_bytes(plain, x),
+                 "retained_ratio": _retained(ours, x) / _retained(plain, x), "retained_kb": _retained(ours, x) / 1024}
         if peers_enabled():
             revlib = import_peer("revlib")
             peer = None
