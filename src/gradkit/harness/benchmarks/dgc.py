@@ -7,7 +7,11 @@ Model: bias-free MLP 1024-1024-10 (1,058,816 parameters, all compressed), batch 
   that produced them (target <= 0.25x). A bias-free MLP is the hardest case for this ratio: its backward
   is one matmul per weight and batch row, whereas a conv layer reuses each weight at every position.
   ``extra`` holds the same ratio with the official sampled threshold and the bytes on the wire: dense
-  fp32 / (fp32 values + block16 indices), target >= 500x, and with int32 indices.
+  fp32 / (fp32 values + block16 indices), target >= 500x, and with int32 indices. It also states the
+  memory traffic of one exact compression (``bytes_per_element``), the copy bandwidth measured in the same
+  process on a buffer of the same size, and the ratio that traffic alone would take at that bandwidth
+  (``bandwidth_limit_ratio``, the floor for any implementation made of these passes). The baseline clears
+  the gradients before each backward, as a training step does.
 - ``dgc-train-step``: a full training step (forward, backward, compress, decompress, SGD) of one DGC
   worker vs plain SGD with momentum, same inputs (report; target <= 1.5x).
 """
@@ -32,6 +36,25 @@ def _inputs():
     return torch.randn(BATCH, WIDTH, generator=g), torch.randint(0, CLASSES, (BATCH,), generator=g)
 
 
+BYTES_PER_ELEMENT = 4 + 12 + 12 + 8 + 4  # fp32 passes of one exact compression, see run_compress
+
+
+def _bandwidth_gbs() -> float:
+    """Copy bandwidth (read + write) on a buffer of the compressed size (about 4 MB: cache-resident here)."""
+    import statistics
+    import time
+
+    src = torch.randn(WIDTH * WIDTH + WIDTH * CLASSES)
+    dst = torch.empty_like(src)
+    ts = []
+    for i in range(25):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        if i >= 5:
+            ts.append(time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / statistics.median(ts) / 1e9
+
+
 def _compressor(sample_ratio, coding="block16") -> DGCCompressor:
     return DGCCompressor(density=DENSITY, momentum=0.9, world_size=1, warmup=None, sample_ratio=sample_ratio,
                          index_coding=coding, generator=torch.Generator().manual_seed(0))
@@ -51,6 +74,8 @@ def run_compress(repeats: int) -> BenchResult:
     params = list(model.parameters())
 
     def backward() -> None:
+        for p in params:  # a step's backward writes fresh gradients (zero_grad), it does not accumulate
+            p.grad = None
         loss.backward(retain_graph=True)  # the same graph every time: only the backward is timed
 
     backward()
@@ -65,13 +90,19 @@ def run_compress(repeats: int) -> BenchResult:
 
     res = compare_steps(backward, compress_with(exact), repeats=repeats)
     res_sampled = compare_steps(backward, compress_with(sampled), repeats=max(3, repeats // 3))
+    n = sum(g.numel() for g in grads)
+    bandwidth = _bandwidth_gbs()
     r_block, dense_b, sent_b = _wire_ratio("block16", grads)
     r_int32, _, sent_i = _wire_ratio("int32", grads)
     return BenchResult(res.baseline_s, res.candidate_s, extra={
         "params": sum(p.numel() for p in params), "batch": BATCH, "density": DENSITY,
         "ratio_sampled_threshold": res_sampled.ratio, "wire_bytes_dense": dense_b, "wire_bytes_sent_block16": sent_b,
         "wire_bytes_ratio_block16": r_block, "wire_bytes_sent_int32": sent_i, "wire_bytes_ratio_int32": r_int32,
-        "wire_bytes_target": ">= 500x"})
+        "wire_bytes_target": ">= 500x",
+        # memory traffic of the exact path per gradient entry: finite check (read g), u <- m u + g (read g, u;
+        # write u), v <- v + u (read v, u; write v), |v| (read v; write a), row maxima (read a)
+        "bytes_per_element": BYTES_PER_ELEMENT, "bandwidth_gbs": bandwidth,
+        "bandwidth_limit_ratio": BYTES_PER_ELEMENT * n / (bandwidth * 1e9) / res.baseline_s})
 
 
 def run_step(repeats: int) -> BenchResult:
