@@ -1,6 +1,11 @@
 """Generative models as components: layered generators whose intermediate features can be searched, and
 the shared Gaussian diffusion utilities (schedule, epsilon-prediction loss, DDIM sampler)."""
 from .diffusion import GaussianDiffusion, VPSchedule, timestep_embedding
+from .f_distill import (F_DIVERGENCES, FDistillLoss, FDistillTerms, dsm_loss, f_distill_surrogate,
+                        f_divergence_weight, f_function, ratio_bce_loss)
+from .mixture import GaussianMixture, mode_coverage, rbf_mmd, ring_means
 from .layered import LayeredGenerator, SmallVAE, small_generator, train_small_generator, vae_loss
 
-__all__ = ["GaussianDiffusion", "VPSchedule", "timestep_embedding", "LayeredGenerator", "SmallVAE", "small_generator", "train_small_generator", "vae_loss"]
+__all__ = ["GaussianDiffusion", "VPSchedule", "timestep_embedding", "LayeredGenerator", "SmallVAE", "small_generator", "train_small_generator", "vae_loss",
+           "F_DIVERGENCES", "FDistillLoss", "FDistillTerms", "dsm_loss", "f_distill_surrogate", "f_divergence_weight",
+           "f_function", "ratio_bce_loss", "GaussianMixture", "mode_coverage", "rbf_mmd", "ring_means"]
