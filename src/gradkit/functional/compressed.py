@@ -54,12 +54,11 @@ def group_range(x: torch.Tensor, groups: int = 1, group_dim: int = -1) -> tuple[
     xg, d = _grouped(x.detach(), groups, group_dim)
     # (A, G, R): leading dims, groups, the rest; reduce the larger contiguous side first (fast on CPU)
     x3 = xg.reshape(math.prod(xg.shape[:d]), groups, -1)
+    # separate amin/amax: on CPU torch.aminmax over a dim is about 10x slower than the two reductions
     if x3.shape[2] >= x3.shape[0]:
-        lo, hi = torch.aminmax(x3, dim=2)
-        lo, hi = lo.amin(0), hi.amax(0)
+        lo, hi = x3.amin(2).amin(0), x3.amax(2).amax(0)
     else:
-        lo, hi = torch.aminmax(x3, dim=0)
-        lo, hi = lo.amin(1), hi.amax(1)
+        lo, hi = x3.amin(0).amin(1), x3.amax(0).amax(1)
     return hi - lo, lo
 
 
