@@ -36,6 +36,7 @@ The modules built on it (:class:`~gradkit.nn.reversible.ReversibleBlock`,
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -113,9 +114,14 @@ def _rel_drift(got: Tensor, ref: Tensor) -> float:
     return float((got - ref).abs().max() / ref.abs().max().clamp_min(torch.finfo(ref.dtype).tiny))
 
 
+@functools.lru_cache(maxsize=64)
+def _probe_index(numel: int, device: torch.device) -> Tensor:
+    return torch.linspace(0, numel - 1, min(PROBE_SIZE, numel), device=device).long()
+
+
 def _probe(t: Tensor) -> tuple[Tensor, Tensor]:
     flat = t.detach().reshape(-1)
-    idx = torch.linspace(0, flat.numel() - 1, min(PROBE_SIZE, flat.numel()), device=flat.device).long()
+    idx = _probe_index(flat.numel(), flat.device)
     return idx, flat[idx].clone()
 
 
@@ -130,13 +136,25 @@ def bn_state_guard(modules: Sequence[nn.Module]) -> Iterator[None]:
     copied back: native kernels (BatchNorm's) update running statistics without bumping the tensor's
     version counter, so a version check would miss them.
     """
-    saved = []
+    with _restore_buffers(_buffers_of(modules)):
+        yield
+
+
+def _buffers_of(modules: Sequence[nn.Module]) -> list[Tensor]:
+    """Distinct buffers of ``modules`` (and their submodules)."""
+    out: list[Tensor] = []
     seen: set[int] = set()
     for mod in modules:
         for b in mod.buffers():
             if b is not None and id(b) not in seen:
                 seen.add(id(b))
-                saved.append((b, b.clone()))
+                out.append(b)
+    return out
+
+
+@contextlib.contextmanager
+def _restore_buffers(buffers: Sequence[Tensor]) -> Iterator[None]:
+    saved = [(b, b.clone()) for b in buffers]
     try:
         yield
     finally:
@@ -286,6 +304,9 @@ class MultiLevelReversibleFunction(torch.autograd.Function):
         ctx.n_states = n_states
         ctx.has_x = x is not None
         ctx.params = params
+        # parameters and buffers of each level, gathered once (module traversals cost more than small levels)
+        ctx.level_params = [[list(fn.parameters()) for fn in st.fns] for st in steps]
+        ctx.step_buffers = [_buffers_of(st.fns) for st in steps]
         ctx.monitor = monitor
         ctx.probes = [_probe(t) for t in states] if monitor is not None and not steps[0].first else None
         ctx.save_for_backward(x, *outs)
@@ -327,7 +348,7 @@ class MultiLevelReversibleFunction(torch.autograd.Function):
                 old: list[Tensor | None] = [None] * n
                 g_old: list[Tensor | None] = [None] * n
                 g_new = list(g_cur)
-                with bn_state_guard(step.fns):
+                with _restore_buffers(ctx.step_buffers[s]):
                     for k in reversed(range(n)):
                         fn = step.fns[k]
                         lower = x_d if k == 0 else y_cur[k - 1]
@@ -347,7 +368,7 @@ class MultiLevelReversibleFunction(torch.autograd.Function):
                         g = g_new[k]
                         if g is None:
                             g = torch.zeros_like(out)
-                        fparams = [p for p in fn.parameters() if p.requires_grad and id(p) in pindex]
+                        fparams = [p for p in ctx.level_params[s][k] if p.requires_grad and id(p) in pindex]
                         inputs = ([lower_leaf] if need_lower else []) + \
                                  ([upper_leaf] if upper_leaf is not None else []) + fparams
                         if out.requires_grad and inputs:
