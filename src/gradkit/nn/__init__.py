@@ -34,6 +34,7 @@ from .field_binary import (FieldBinaryLinear, binary_perceptron_logH_loss, field
                            field_thetas, set_field_beta)
 from .hard_negative_mixing import hard_negative_mix, queue_logits, queue_info_nce_loss, InfoNCEWithMixing
 from .memory_queue import MemoryQueue, momentum_update
+from .switch_moe import TimestepGatedMoEMask, DiffusionPriorLoss, diffusion_prior_matrix, match_prior_columns, jensen_shannon
 
 __all__ = ["GradientReversal", "DomainClassifier", "domain_loss", "BinaryModule", "BinaryLinear", "BinaryConv2d",
            "binary_modules", "set_estimator_param", "BiPerLinear", "BiPerConv2d", "set_stage", "TrActLinear",
@@ -44,4 +45,4 @@ __all__ = ["GradientReversal", "DomainClassifier", "domain_loss", "BinaryModule"
            "ReversibleBlock", "ReversibleSequential", "ReversibleStep", "ReversibleColumnStack", "RevColNet",
            "MesaLinear", "MesaAttention", "mesa_convert", "set_mesa_enabled",
            "MBConv3d", "RevMBConv3d", "RevMBConvUNet3d", "MaskableDropout", "convert_dropout",
-           "dropout_mode", "HyperNetwork", "HyperClient", "ICNN", "clamp_after_step", "SingleLayerAttention", "LateFusionClassifier", "DCDMNet2d", "MultigridConv1d", "MultigridConv2d", "HardConstraintMoE", "fd_terms", "FieldBinaryLinear", "field_kl", "field_mode", "set_field_beta", "field_modules", "field_thetas", "binary_perceptron_logH_loss", "KANLayer", "SelectableKANLayer", "PrunedKANLayer", "ThreePhaseSchedule", "three_phase_schedule", "prune_model", "kan_coefficient_count", "make_basis", "register_basis", "basis_families", "ProjectionHead", "WithProjectionHead", "spectral_contrastive_loss", "info_nce_loss", "FNO2d", "SpectralConv2d", "hard_negative_mix", "queue_logits", "queue_info_nce_loss", "InfoNCEWithMixing", "MemoryQueue", "momentum_update"]
+           "dropout_mode", "HyperNetwork", "HyperClient", "ICNN", "clamp_after_step", "SingleLayerAttention", "LateFusionClassifier", "DCDMNet2d", "MultigridConv1d", "MultigridConv2d", "HardConstraintMoE", "fd_terms", "FieldBinaryLinear", "field_kl", "field_mode", "set_field_beta", "field_modules", "field_thetas", "binary_perceptron_logH_loss", "KANLayer", "SelectableKANLayer", "PrunedKANLayer", "ThreePhaseSchedule", "three_phase_schedule", "prune_model", "kan_coefficient_count", "make_basis", "register_basis", "basis_families", "ProjectionHead", "WithProjectionHead", "spectral_contrastive_loss", "info_nce_loss", "FNO2d", "SpectralConv2d", "hard_negative_mix", "queue_logits", "queue_info_nce_loss", "InfoNCEWithMixing", "MemoryQueue", "momentum_update", "TimestepGatedMoEMask", "DiffusionPriorLoss", "diffusion_prior_matrix", "match_prior_columns", "jensen_shannon"]
