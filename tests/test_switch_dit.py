@@ -76,3 +76,12 @@ def test_bad_input():
         DiffusionPriorLoss(10, 1, num_experts=2, k=3)
     with pytest.raises(ValueError, match="routing"):
         TinyDiT(routing="dense")
+
+
+def test_benchmarks_run():
+    from gradkit.harness.bench import BENCHMARKS, load_benchmarks
+    load_benchmarks()
+    for name in ("switch-dit-block", "switch-dit-model"):
+        res = BENCHMARKS.get(name).run(1)
+        assert res.baseline_s > 0 and res.candidate_s > 0
+    assert BENCHMARKS.get("switch-dit-block").target == 1.3
