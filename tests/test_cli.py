@@ -222,6 +222,29 @@ def test_report_from_database(tmp_path):
     assert (out / "plots" / "fake-pass-quick-bundled-u-x-t-a-b.png").exists()  # a grid name made a file name
 
 
+def test_report_and_summary_with_a_second_seed_set(tmp_path):
+    db = tmp_path / "r.db"
+    assert gk("run", "fake-pass", "--seeds", "3", db=db).returncode == 0
+    assert gk("run", "fake-pass", "--seeds", "11,12,13", db=db).returncode == 0
+    assert gk("run", "fake-fail", "--seeds", "2", db=db).returncode == 1   # no runs on the other seeds
+    out = tmp_path / "rep"
+    r = gk("report", "--out", str(out), "--seeds", "0-2", "--check-seeds", "11,12,13", db=db)
+    assert r.returncode == 0, r.stderr
+    md = (out / "report.md").read_text()
+    assert "Other seeds" in md and "PASS (11, 12, 13)" in md
+    assert "**1 of 1** hold at quick scale on the other seeds 11, 12, 13; 1 claim(s) have no runs there" in md
+    assert md.count("**On the other seeds (11, 12, 13):**") == 1
+    r = gk("summary", "--seeds", "0-2", "--check-seeds", "11-13", db=db)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith("on seeds 0, 1, 2; 1 of 1 on seeds 11, 12, 13")
+    r = gk("summary", "--seeds", "11-13", db=db)   # only the claim with runs on those seeds
+    assert r.stdout.startswith("1 of 1 claim results hold")
+    for args in (("summary", "--seeds", "0-2", "--check-seeds", "2-4"), ("summary", "--seeds", "3-1"),
+                 ("report", "--out", str(out), "--seeds", "0-2", "--check-seeds", "1")):
+        r = gk(*args, db=db)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr)
+
+
 def test_python_dash_m_and_version(tmp_path):
     r = gk("--version", db=tmp_path / "r.db")
     assert r.returncode == 0 and "gradkit" in r.stdout

@@ -385,10 +385,36 @@ def cmd_report(args) -> int:
 
     store = _store(args, must_exist=True)
     out = _out_dir(args.out)
-    paths = write_report(store, out, scales=args.scale)
+    try:
+        paths = write_report(store, out, scales=args.scale, seeds=args.seeds, check_seeds=args.check_seeds)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     for p in paths:
         print(p)
     return EXIT_OK
+
+
+def _seeds(text: str) -> list[int]:
+    """'0,1,2' or '3-5' (or a mix) -> sorted distinct seeds; argparse turns the ValueError into a usage error."""
+    out: set[int] = set()
+    for part in text.split(","):
+        a, sep, b = part.strip().partition("-")
+        lo, hi = int(a), int(b) if sep else int(a)
+        if lo < 0 or hi < lo:
+            raise ValueError(part)
+        out.update(range(lo, hi + 1))
+    return sorted(out)
+
+
+_seeds.__name__ = "seed list"
+
+
+def _seed_args(sp) -> None:
+    sp.add_argument("--seeds", type=_seeds, default=None, metavar="LIST",
+                    help="only these seeds' runs, e.g. 0-2 or 0,1,2 (default: every stored seed)")
+    sp.add_argument("--check-seeds", type=_seeds, default=None, metavar="LIST",
+                    help="a second seed set (e.g. seeds never used in development, 3-5) whose verdicts are "
+                         "shown beside the main ones")
 
 
 README_MARK = ("<!-- gradkit:summary -->", "<!-- /gradkit:summary -->")
@@ -399,8 +425,18 @@ def cmd_summary(args) -> int:
     from .report import collect
 
     store = _store(args, must_exist=True)
-    summaries = [s for s in collect(store, [args.scale]) if not s.overrides]
+    summaries = [s for s in collect(store, [args.scale], args.seeds) if not s.overrides]
     line = summary_line(summaries, args.scale)
+    if args.seeds is not None:
+        line += f" on seeds {', '.join(map(str, sorted(args.seeds)))}"
+    if args.check_seeds is not None:
+        if args.seeds is not None and set(args.seeds) & set(args.check_seeds):
+            raise UsageError(f"--check-seeds must not overlap --seeds, got {args.check_seeds} and {args.seeds}")
+        keys = {(s.claim.slug, s.data_mode) for s in summaries}
+        again = [s for s in collect(store, [args.scale], args.check_seeds)
+                 if not s.overrides and (s.claim.slug, s.data_mode) in keys]
+        k2 = sum(s.verdict.verdict == "PASS" for s in again)
+        line += f"; {k2} of {len(again)} on seeds {', '.join(map(str, sorted(args.check_seeds)))}"
     if args.readme:
         path = Path(args.readme)
         try:
@@ -569,6 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default="gradkit-report", help="output folder (default: ./gradkit-report)")
     sp.add_argument("--scale", nargs="+", choices=("smoke", "quick", "full"), default=None,
                     help="scales to include (default: all stored)")
+    _seed_args(sp)
     sp.set_defaults(func=cmd_report)
 
     sp = sub.add_parser("summary", help="one line: how many claims hold, from the database")
@@ -576,6 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--scale", choices=("smoke", "quick", "full"), default="quick")
     sp.add_argument("--readme", default=None, metavar="FILE",
                     help="also write the line into FILE between <!-- gradkit:summary --> markers")
+    _seed_args(sp)
     sp.set_defaults(func=cmd_summary)
 
     sp = sub.add_parser("compose", help="check which techniques stack in one model (gradients vs a plain reference)")

@@ -28,8 +28,13 @@ def _ms(mu: float, sd: float) -> str:
     return "nan" if not math.isfinite(mu) else f"{mu:.4g} ± {sd:.2g}"
 
 
-def collect(store: ResultStore, scales: Sequence[str] | None = None) -> list[Summary]:
-    """Summaries of every stored (claim, scale, data mode) at the claim's current protocol version."""
+def collect(store: ResultStore, scales: Sequence[str] | None = None,
+            seeds: Sequence[int] | None = None) -> list[Summary]:
+    """Summaries of every stored (claim, scale, data mode) at the claim's current protocol version.
+
+    ``seeds``: only these seeds' runs count (a group without any of them is left out); default every stored seed.
+    """
+    keep = None if seeds is None else set(seeds)
     out = []
     for slug, version, scale, mode, overrides in store.groups():
         if scales and scale not in scales:
@@ -40,7 +45,8 @@ def collect(store: ResultStore, scales: Sequence[str] | None = None) -> list[Sum
             continue
         if version != claim.version:
             continue
-        runs = list(store.latest_per_seed(slug, version, scale, mode, overrides=overrides).values())
+        runs = [r for r in store.latest_per_seed(slug, version, scale, mode, overrides=overrides).values()
+                if keep is None or r.seed in keep]
         if runs:
             out.append(summarize(claim, runs, scale, mode))
     out.sort(key=lambda s: (s.claim.slug, _SCALE_ORDER.get(s.scale, 9), s.data_mode, s.overrides))
@@ -365,11 +371,28 @@ def _compose_order() -> list[str]:
     return list(FAMILIES)
 
 
-def write_report(store: ResultStore, out_dir: Path, scales: Sequence[str] | None = None) -> list[Path]:
-    """Write the report into ``out_dir``; returns the paths of the markdown and HTML files."""
+def _seed_list(seeds: Sequence[int]) -> str:
+    return ", ".join(map(str, sorted(seeds)))
+
+
+def write_report(store: ResultStore, out_dir: Path, scales: Sequence[str] | None = None,
+                 seeds: Sequence[int] | None = None, check_seeds: Sequence[int] | None = None) -> list[Path]:
+    """Write the report into ``out_dir``; returns the paths of the markdown and HTML files.
+
+    ``seeds``: the seeds the report is about (default: every stored seed). ``check_seeds``: a second seed set,
+    e.g. seeds never used while a claim was developed; each claim's verdict on it is shown beside the main one
+    (an "Other seeds" column and a line in the claim's section), from the same criterion.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summaries = collect(store, scales)
+    summaries = collect(store, scales, seeds)
+    if check_seeds is not None and seeds is not None and set(check_seeds) & set(seeds):
+        raise ValueError(f"check_seeds must not overlap seeds, got {sorted(check_seeds)} and {sorted(seeds)}")
+    checked = {} if check_seeds is None else {
+        (s.claim.slug, s.scale, s.data_mode, s.overrides): s for s in collect(store, scales, check_seeds)}
+
+    def other(s: Summary) -> Summary | None:
+        return checked.get((s.claim.slug, s.scale, s.data_mode, s.overrides))
     benches = store.latest_benches()
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
@@ -399,9 +422,15 @@ def write_report(store: ResultStore, out_dir: Path, scales: Sequence[str] | None
     for scale in sorted({s.scale for s in summaries}, key=lambda x: _SCALE_ORDER.get(x, 9)):
         at = [s for s in summaries if s.scale == scale and not s.overrides]
         k = sum(s.verdict.verdict == "PASS" for s in at)
-        blocks.append(_p(("b", f"{k} of {len(at)}"), f" claim results hold at {scale} scale (default protocols)."))
+        on = f" on seeds {_seed_list(seeds)}" if seeds is not None else ""
+        blocks.append(_p(("b", f"{k} of {len(at)}"), f" claim results hold at {scale} scale{on} (default protocols)."))
+        if check_seeds is not None:
+            again = [o for o in map(other, at) if o is not None]
+            k2 = sum(o.verdict.verdict == "PASS" for o in again)
+            blocks.append(_p(("b", f"{k2} of {len(again)}"), f" hold at {scale} scale on the other seeds "
+                             f"{_seed_list(check_seeds)}; {len(at) - len(again)} claim(s) have no runs there."))
     header = ["Claim", "Scale", "Data", "Paper", "Ours", "Baseline", "Metric", "Deciding check", "Verdict",
-              "Seeds", "Time"]
+              "Seeds", "Time"] + (["Other seeds"] if check_seeds is not None else [])
     rows = []
     toc = []
     for i, s in enumerate(summaries):
@@ -411,7 +440,9 @@ def write_report(store: ResultStore, out_dir: Path, scales: Sequence[str] | None
         rows.append([("a", label, anchor), s.scale, s.data, c.paper_figure,
                      _ms(*s.stat(p.ours, p.metric)), _ms(*s.stat(p.baseline, p.metric)),
                      f"{p.metric}{' (' + p.unit + ')' if p.unit else ''}: {p.ours} vs {p.baseline}",
-                     s.verdict.reason, s.verdict.verdict, ", ".join(map(str, s.seeds)), f"{s.duration_s:.0f} s"])
+                     s.verdict.reason, s.verdict.verdict, ", ".join(map(str, s.seeds)), f"{s.duration_s:.0f} s"]
+                    + ([("—" if other(s) is None else f"{other(s).verdict.verdict} ({_seed_list(other(s).seeds)})")]
+                       if check_seeds is not None else []))
         toc.append((("a", f"{label} — {s.scale}, {s.data}", anchor), " ", ("v", s.verdict.verdict)))
     blocks.append(_h(2, "Contents", "contents"))
     blocks.append(_ul(toc + ([(("a", "Benchmarks", "benchmarks"),)] if benches else [])
@@ -425,6 +456,11 @@ def write_report(store: ResultStore, out_dir: Path, scales: Sequence[str] | None
         blocks.append(_h(2, f"{c.slug} — {s.scale} ({s.data})" + (f" — overrides: {s.overrides}" if s.overrides else ""),
                          anchor))
         blocks.append(_p(("i", c.title), f" (arXiv:{c.arxiv}). Verdict: ", ("v", v.verdict), f" — {v.reason}."))
+        o = other(s)
+        if o is not None:
+            blocks.append(_p(("b", f"On the other seeds ({_seed_list(o.seeds)}):"), " ", ("v", o.verdict.verdict),
+                             f" — {o.verdict.reason}; ours {_ms(*o.stat(s.primary.ours, s.primary.metric))}, "
+                             f"baseline {_ms(*o.stat(s.primary.baseline, s.primary.metric))}."))
         if c.findings:
             blocks.append(_p(("b", "Finding:"), " ", c.findings))
         if v.verdict != "PASS":
