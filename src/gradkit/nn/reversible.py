@@ -130,9 +130,10 @@ def _coupled_forward(blocks: Sequence[ReversibleBlock], x: Tensor, dim: int, rev
                      preserve_rng: bool, monitor: DriftMonitor | None = None) -> Tensor:
     x1, x2 = _halves(x, dim)
     steps = [b.step() for b in blocks]
-    if reversible and torch.is_grad_enabled() and (x.requires_grad or any(
-            p.requires_grad for p in collect_params(steps))):
-        outs = MultiLevelReversibleFunction.run(steps, None, [x1, x2], preserve_rng=preserve_rng, monitor=monitor)
+    params = collect_params(steps) if reversible and torch.is_grad_enabled() else []
+    if reversible and torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+        outs = MultiLevelReversibleFunction.run(steps, None, [x1, x2], params, preserve_rng=preserve_rng,
+                                                monitor=monitor)
     else:
         outs = run_steps(steps, None, [x1, x2])
     return torch.cat(list(outs), dim=dim)
