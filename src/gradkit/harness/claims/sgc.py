@@ -7,7 +7,8 @@ waits for everybody when the straggler pattern is not admissible for the scheme.
 traces of a seed: GC (``gc``, s in 0..n-1, T = 0), SR-SGC (``sr_sgc``) and M-SGC (``m_sgc``, ours), each
 with the parameters that minimise its mean runtime over the traces, under one delay budget T <= max_T
 (M-SGC: B < W, W-2+B <= max_T; SR-SGC: T = B <= max_T, B | W-1, W <= max(B+1, max_T+2-B)). A second set of
-traces with i.i.d. slow rounds (non-bursty) is reported as well (``*_iid`` metrics, no pass criterion).
+traces with i.i.d. slow rounds (non-bursty) is reported as well (``*_iid`` metrics, no pass criterion), and
+so is the same bursty search when computation dominates a round (``load_cost_alt``; ``*_c_alt`` metrics).
 Without the grid search (smoke scale) each scheme runs with the protocol's fixed parameters. Every scale
 also checks that each scheme decodes every job by round t + T under a rejection-sampled admissible
 straggler pattern (``decoded_frac``). The numbers are the protocol's (:class:`SGCProtocol`,
@@ -15,7 +16,7 @@ straggler pattern (``decoded_frac``). The numbers are the protocol's (:class:`SG
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -37,7 +38,7 @@ class SGCProtocol(Protocol):
     n: int = scaled(smoke=8, quick=32, full=64)
     jobs: int = scaled(smoke=30, quick=200, full=500)
     traces: int = scaled(smoke=5, quick=5, full=10)
-    max_T: int = 6  # the delay budget every scheme shares
+    max_T: int = 9  # the delay budget every scheme shares (the authors': 20 profiled rounds - 10 jobs, W-1+B <= 10)
     lambdas: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # candidates; those above n are dropped
     grid: bool = scaled(smoke=False, quick=True)  # False: the fixed parameters below
     gc_s: int = 2  # fixed GC parameter
@@ -51,6 +52,7 @@ class SGCProtocol(Protocol):
     iid_p: float = 0.1  # per worker and round, the i.i.d. traces
     mu: float = 1.0
     load_cost: float = 2.0
+    load_cost_alt: float = 8.0  # reported: rounds dominated by computation (runtime_c_alt, rel_runtime_c_alt)
     decode_check_p: float = 0.1  # straggler rate of the admissible pattern of the decoding check
 
 
@@ -96,11 +98,13 @@ def _setup(ctx: ArmContext) -> dict:
 
 def _arm(ctx: ArmContext) -> ArmResult:
     p, arm = ctx.p, ctx.arm
-    bar = ctx.progress(total=2, desc=f"{SLUG}/{arm}")
+    bar = ctx.progress(total=3, desc=f"{SLUG}/{arm}")
     try:
         best = _best(p, arm, ctx.data["bursty"])
         bar.update(1)
         best_iid = _best(p, arm, ctx.data["iid"])
+        bar.update(1)
+        best_alt = _best(replace(p, load_cost=p.load_cost_alt), arm, ctx.data["bursty"])
         bar.update(1)
     finally:
         bar.close()
@@ -111,9 +115,11 @@ def _arm(ctx: ArmContext) -> ArmResult:
         "runtime": best.runtime, "load": best.load, "T": float(best.T), "full_waits": best.full_waits,
         "runtime_per_job": best.runtime / p.jobs,
         "runtime_iid": best_iid.runtime, "load_iid": best_iid.load, "full_waits_iid": best_iid.full_waits,
+        "runtime_c_alt": best_alt.runtime, "load_c_alt": best_alt.load,
         "decoded_frac": _decoded_frac(scheme, p.decode_check_p, np.random.default_rng([ctx.seed, 7, len(arm)])),
     }
-    info = {"best_params": best.params, "best_params_iid": best_iid.params, "grid_size": len(best.table)}
+    info = {"best_params": best.params, "best_params_iid": best_iid.params, "best_params_c_alt": best_alt.params,
+            "grid_size": len(best.table)}
     return ArmResult(metrics, {"cumulative_time": [float(v) for v in cum]}, info)
 
 
@@ -122,6 +128,7 @@ def _finish(ctx: ArmContext, out: RunOutput) -> None:
     for arm in ARMS:
         m[arm]["rel_runtime"] = m[arm]["runtime"] / m[BASELINE]["runtime"]
         m[arm]["rel_runtime_iid"] = m[arm]["runtime_iid"] / m[BASELINE]["runtime_iid"]
+        m[arm]["rel_runtime_c_alt"] = m[arm]["runtime_c_alt"] / m[BASELINE]["runtime_c_alt"]
     R_max = max(len(v) for v in out.curves["cumulative_time"].values())
     out.info.update({"lambdas": _lambdas(ctx.p),
                      "curve_axes": {"cumulative_time": {"xlabel": "round", "x": list(range(1, R_max + 1))}}})
@@ -136,6 +143,7 @@ def _criterion() -> AllOf:
 
 CLAIM = register(Claim(
     slug=SLUG,
+    version=2,
     title="Sequential Gradient Coding For Straggler Mitigation",
     arxiv="2211.13802",
     statement="Under bursty stragglers (per-worker Markov chain, bursts of a few rounds) and one delay budget, "
@@ -180,15 +188,18 @@ CLAIM = register(Claim(
           "fit loop is not used. The negative control (GC for M-SGC) cannot pass: GC's rel_runtime is 1 "
           "by definition.",
     scale_note=(
-        "Our comparison caps every scheme's delay at T <= 6, which caps M-SGC's burst length at 3 (it runs "
-        "1.005x GC's time); the authors' simulator instead compares at equal load (for each GC s, every SGC "
-        "(B, W, lambda) whose normalised load is at most GC's, W up to n, no delay cap) on AWS Lambda delay "
-        "traces measured at that load (n = 20, 100 rounds, mu = 0.1), and that equal-load search on our bursty "
-        "traces would settle it."
+        "At the authors' delay budget (T <= 9) and a load cost of 2, M-SGC runs at 0.99x the best GC: a round "
+        "is mostly fixed overhead, so M-SGC's lower load (0.058 vs 0.125) saves little while its burst limit "
+        "brings about four times as many wait-for-all rounds. When computation dominates a round (load cost "
+        "8, rel_runtime_c_alt) the same search gives 0.88x, near the paper's 16%, and on i.i.d. traces 0.91x. "
+        "Which regime the paper's Lambda rounds are in is set by their measured load-time curve, which we do "
+        "not have; the authors' equal-load search on measured traces would settle it."
     ),
     plots=("cumulative_time",),
     bounds={"load": (0.0, 1.0), "load_iid": (0.0, 1.0), "decoded_frac": (0.0, 1.0),
             "runtime": (0.0, float("inf")), "runtime_iid": (0.0, float("inf")),
             "rel_runtime": (0.0, float("inf")), "rel_runtime_iid": (0.0, float("inf")),
+            "rel_runtime_c_alt": (0.0, float("inf")), "runtime_c_alt": (0.0, float("inf")),
+            "load_c_alt": (0.0, 1.0),
             "T": (0.0, float("inf")), "full_waits": (0.0, float("inf")), "full_waits_iid": (0.0, float("inf"))},
 ))
