@@ -430,11 +430,14 @@ def test_claim_smoke_parts(smoke_run):
     for arm in ("magnitude", "mfac", "mfac_4step"):
         assert {"acc_s50", "acc_s80", "acc_s90"} <= set(out.metrics[arm])
     assert out.metrics["mfac"]["sparsity_s50"] == pytest.approx(0.5, abs=1e-3)
-    assert set(out.curves["opt_test_acc"]) == {"opt_adam", "opt_sgd", "opt_mfac", "opt_mfac_lrwide"}
-    # both MFAC arms pick from one shared sweep over the wide grid, each within its own grid
+    assert set(out.curves["opt_test_acc"]) == {"opt_adam", "opt_sgd", "opt_mfac"}
+    # every optimizer picks its lr on validation from a grid of the same size
     p = mod.CLAIM.protocol.at("smoke")
-    assert out.metrics["opt_mfac"]["lr"] in p.mfac_lrs and out.metrics["opt_mfac_lrwide"]["lr"] in p.mfac_lrs_wide
-    assert set(out.info["mfac_test_acc_by_lr"]) == {f"{lr:g}" for lr in p.mfac_lrs_wide}
+    grids = {"opt_mfac": p.mfac_lrs, "opt_adam": p.adam_lrs, "opt_sgd": p.sgd_lrs}
+    assert len({len(g) for g in grids.values()}) == 1
+    for arm, grid in grids.items():
+        assert out.metrics[arm]["lr"] in grid
+        assert set(out.info["opt_test_acc_by_lr"][arm]) == {f"{lr:g}" for lr in grid}
     ok, checks = mod.CLAIM.criterion_for(out.data).evaluate([out.metrics])
     assert len(checks) == 6
 

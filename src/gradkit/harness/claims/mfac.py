@@ -12,9 +12,9 @@ B) One-shot OBS pruning: an MLP 64-128-10 trained with Adam on digits (arm ``den
    and sparsity on the validation split: single step (``mfac``), several steps with recollected gradients
    (``mfac_4step``, ours), single step with more gradients (``mfac_m256``), vs global magnitude pruning
    (``magnitude``).
-C) Optimizer: the same MLP trained with MFAC (``opt_mfac``, lr chosen on validation from a small grid
-   around the paper's default) vs Adam (``opt_adam``) vs SGD with momentum (``opt_sgd``); ``opt_mfac_lrwide``
-   (lr from a wider grid) is reported only. Both MFAC arms pick from one shared learning-rate sweep.
+C) Optimizer: the same MLP trained with MFAC (``opt_mfac``) vs Adam (``opt_adam``) vs SGD with momentum
+   (``opt_sgd``); every arm picks its learning rate on the validation split from a grid of the same size
+   (four values half a decade apart, around each optimizer's usual default).
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from ...optim.mfac import MFAC
 from ..protocol import Protocol, scaled
 from .base import ArmContext, ArmResult, Claim, Primary, RunOutput, register
 from .criteria import AllFinite, AllOf, Below, Drop, Gain
+from .tuning import tune
 
 SLUG = "mfac"
 
@@ -63,10 +64,9 @@ class MfacProtocol(Protocol):
     opt_epochs: int = scaled(smoke=2, quick=10)
     opt_ngrads: int = scaled(smoke=8, quick=32)
     opt_damp: float = 1e-5
-    mfac_lrs: tuple[float, ...] = (1e-3, 3e-3)
-    mfac_lrs_wide: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2)
-    adam_lr: float = 1e-3
-    sgd_lr: float = 0.1
+    mfac_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2)
+    adam_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3, 1e-2)
+    sgd_lrs: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)
     sgd_momentum: float = 0.9
 
 
@@ -237,38 +237,34 @@ def _train_opt(ctx: ArmContext, make_opt, desc: str) -> tuple[dict, dict]:
     return metrics, {"opt_test_acc": hist.series("test_acc"), "opt_train_loss": hist.series("train_loss")}
 
 
-def _baseline_opt_arm(ctx: ArmContext) -> ArmResult:
-    p = ctx.p
-    if ctx.arm == "opt_adam":
-        make = lambda params: torch.optim.Adam(params, lr=p.adam_lr)  # noqa: E731
-    else:
-        make = lambda params: torch.optim.SGD(params, lr=p.sgd_lr, momentum=p.sgd_momentum)  # noqa: E731
-    return ArmResult(*_train_opt(ctx, make, ctx.arm))
+def _make_opt(arm: str, p: MfacProtocol, lr: float):
+    if arm == "opt_mfac":
+        return lambda params: MFAC(params, lr=lr, ngrads=p.opt_ngrads, damp=p.opt_damp)
+    if arm == "opt_adam":
+        return lambda params: torch.optim.Adam(params, lr=lr)
+    return lambda params: torch.optim.SGD(params, lr=lr, momentum=p.sgd_momentum)
 
 
-def _mfac_run(ctx: ArmContext, lr: float) -> tuple[dict, dict]:
-    """One MFAC training run at ``lr``; the sweep is shared by opt_mfac and opt_mfac_lrwide."""
-    runs = ctx.shared.setdefault("mfac_sweep", {})
-    if lr not in runs:
-        p = ctx.p
-        runs[lr] = _train_opt(ctx, lambda params: MFAC(params, lr=lr, ngrads=p.opt_ngrads, damp=p.opt_damp),
-                              f"opt_mfac_lr{lr:g}")
-    return runs[lr]
+def _opt_arm(ctx: ArmContext) -> ArmResult:
+    """One optimizer at the learning rate of its grid with the best validation accuracy (equal grid sizes)."""
+    p, arm = ctx.p, ctx.arm
+    grid = {"opt_mfac": p.mfac_lrs, "opt_adam": p.adam_lrs, "opt_sgd": p.sgd_lrs}[arm]
+    runs = {}
 
+    def trial(lr: float) -> float:
+        runs[lr] = _train_opt(ctx, _make_opt(arm, p, lr), f"{arm}_lr{lr:g}")
+        return runs[lr][0]["val_acc"]
 
-def _mfac_opt_arm(ctx: ArmContext) -> ArmResult:
-    """MFAC at the learning rate of its grid with the best validation accuracy."""
-    lrs = ctx.p.mfac_lrs_wide if ctx.arm == "opt_mfac_lrwide" else ctx.p.mfac_lrs
-    runs = {lr: _mfac_run(ctx, lr) for lr in lrs}
-    lr = max(lrs, key=lambda v: (runs[v][0]["val_acc"] if math.isfinite(runs[v][0]["val_acc"]) else -1.0))
-    m, c = runs[lr]
-    return ArmResult({**m, "lr": lr}, c)
+    tuned = tune(grid, trial)
+    m, c = runs[tuned.value]
+    ctx.shared.setdefault("test_acc_by_lr", {})[arm] = {f"{lr:g}": r[0]["test_acc"] for lr, r in runs.items()}
+    return ArmResult({**m, "lr": tuned.value}, c, {"tuned": tuned.as_info()})
 
 
 def _finish(ctx: ArmContext, out: RunOutput) -> None:
     out.info.update({
         "split": "digits 1078/359/360 (train/val/test), validation carved from the fixed training split",
-        "mfac_test_acc_by_lr": {f"{lr:g}": m["test_acc"] for lr, (m, _) in sorted(ctx.shared["mfac_sweep"].items())},
+        "opt_test_acc_by_lr": ctx.shared.get("test_acc_by_lr", {}),
     })
 
 
@@ -286,6 +282,7 @@ def _criterion() -> AllOf:
 _PCT = (50, 80, 90)
 CLAIM = register(Claim(
     slug=SLUG,
+    version=2,
     title="M-FAC: Efficient Matrix-Free Approximations of Second-Order Information",
     arxiv="2107.03356",
     statement="M-FAC's static, blocked and dynamic (ring-buffer) algorithms give the inverse-Fisher-vector "
@@ -306,10 +303,9 @@ CLAIM = register(Claim(
         "mfac": _obs_arm,
         "mfac_4step": _obs_arm,
         "mfac_m256": _obs_arm,
-        "opt_adam": _baseline_opt_arm,
-        "opt_sgd": _baseline_opt_arm,
-        "opt_mfac": _mfac_opt_arm,
-        "opt_mfac_lrwide": _mfac_opt_arm,
+        "opt_adam": _opt_arm,
+        "opt_sgd": _opt_arm,
+        "opt_mfac": _opt_arm,
     },
     finish=_finish,
     criterion=_criterion(),
@@ -330,12 +326,17 @@ CLAIM = register(Claim(
           "the single-step arm ('mfac') is reported alongside: with m << d the diagonal of F^-1 is ~1/damp for "
           "most weights, its saliency degenerates towards magnitude and the summed single-weight OBS corrections "
           "ignore interactions, so it stays close to magnitude pruning ('mfac_m256' shows a larger m). "
-          "Optimizer: a grid around the paper's default lr 1e-3 (mfac_lrs) is used for the criterion; "
-          "'opt_mfac_lrwide' (mfac_lrs_wide, chosen on validation) is reported only: on this 9.6k-parameter MLP "
-          "the natural-gradient-scaled step m*g/||g||^2 needs a larger lr than the paper's ResNet/BERT defaults.",
+          "Optimizer: every arm gets a four-value learning-rate grid (half a decade apart) chosen on the "
+          "validation split; MFAC's grid starts at the paper's default 1e-3 and reaches up, because on this "
+          "9.6k-parameter MLP the natural-gradient-scaled step needs a larger lr than the paper's ResNet/BERT "
+          "defaults. The validation accuracy of the last epoch selects; test accuracy at every lr is in the "
+          "run's info (opt_test_acc_by_lr).",
     scale_note=(
-        "Part C's M-FAC optimizer trails Adam by 16 points after Adam's learning rate was tuned on a larger "
-        "grid; equal learning-rate grids chosen on a validation split would settle it."
+        "With equal four-value learning-rate grids chosen on validation, the M-FAC optimizer trails Adam by "
+        "about 3 points after 10 epochs on the 9.6k-parameter MLP (seeds 0-2: 93.8 +- 2.2 vs 96.9 +- 0.5), "
+        "with a window of m = 32 gradients; the pruning parts hold. The paper's optimizer results are on CIFAR "
+        "ResNets and BERT fine-tuning over full schedules; a longer schedule on a larger network would settle "
+        "whether the gap is the method's or our short run's."
     ),
     plots=("opt_test_acc", "opt_train_loss"),
     bounds={"test_acc": (0.0, 100.0), "val_acc": (0.0, 100.0),
