@@ -620,7 +620,7 @@ def test_claim_registered():
 
     claim = get_claim("agm")
     assert claim.arxiv == "2308.07686" and claim.primary.ours == "agm_early" and claim.primary.baseline == "joint_early"
-    assert len(claim.criterion.criteria) == 4  # two checks per fusion variant
+    assert len(claim.criterion.criteria) == 6  # premise, suppressed-modality gain, fused gain per fusion variant
     assert claim.control == {"agm_early": "joint_early", "agm_late": "joint_late"}
     for dotted in claim.uses:
         mod, name = dotted.rsplit(".", 1)
@@ -635,11 +635,12 @@ def test_claim_smoke(smoke_run):
     for arm, m in out.metrics.items():
         assert m["test_acc"] >= 30.0, (arm, m)
         assert len(out.curves["test_acc"][arm]) == epochs
-        if arm != "v_only":
+        if arm not in ("v_only", "a_only"):
             assert m["sum_phi_err"] <= 1e-5  # sum_m phi_m == f(all)
         if arm.startswith("agm"):
             assert m["k_a_mean"] > 0 and m["k_v_mean"] > 0  # coefficients finite and positive
     assert out.metrics["v_only"]["phi_v_acc"] == out.metrics["v_only"]["test_acc"]
+    assert out.metrics["a_only"]["phi_a_acc"] == out.metrics["a_only"]["test_acc"]
 
 
 def test_claim_smoke_is_bit_reproducible(smoke_run):

@@ -10,7 +10,11 @@ per-modality linear heads). Arms, all from the same init and batch order per see
   ``enabled=False``: bit-identical to plain training, but it scores the attributed outputs).
 - ``agm_<fusion>``: AGM with the official code's default alpha, modulation over the whole run.
 - ``agm_<fusion>_a2.5``: AGM with the README's AV-MNIST alpha (``alpha_secondary``), reported, not judged.
-- ``v_only``: the image branch alone (same encoder and MLP head).
+- ``v_only`` / ``a_only``: one branch alone (same encoder and MLP head): each modality's unimodal accuracy.
+
+Joint training here under-uses the shortcut modality ``a``: its attributed accuracy stays far below what
+``a`` reaches alone. The criterion asks for that premise (``a_only`` >= joint's attributed ``a`` + 10),
+then for AGM's gain on the suppressed modality's attributed accuracy and on fused accuracy.
 
 Every arm uses the official optimiser (SGD with momentum and weight decay), mean cross-entropy and
 the official clipping rule (if max |grad| of the output-layer weight exceeds ``grad_trigger``,
@@ -36,13 +40,15 @@ from .criteria import AllOf, Gain
 
 SLUG = "agm"
 FUSIONS = ("early", "late")
-# arm -> (kind, fusion, which alpha); kind in {"joint", "agm", "v_only"}
+UNIMODAL = {"v_only": "v", "a_only": "a"}  # one-branch arms and their modality
+# arm -> (kind, fusion, which alpha); kind in {"joint", "agm", "v_only", "a_only"}
 ARMS: dict[str, tuple[str, str | None, str]] = {
     "joint_early": ("joint", "early", "alpha"),
     "agm_early": ("agm", "early", "alpha"),
     "joint_late": ("joint", "late", "alpha"),
     "agm_late": ("agm", "late", "alpha"),
     "v_only": ("v_only", None, "alpha"),
+    "a_only": ("a_only", None, "alpha"),
     "agm_early_a2.5": ("agm", "early", "alpha_secondary"),
     "agm_late_a2.5": ("agm", "late", "alpha_secondary"),
 }
@@ -76,9 +82,9 @@ def build_model(arm: str, data: MultimodalSplit, p: AgmProtocol) -> FusionMLP:
     kind, fusion, _ = ARMS[arm]
     dims = data.num_features
     enc = {"a": p.enc_a, "v": p.enc_v}
-    if kind == "v_only":
-        iv = data.index("v")
-        return FusionMLP([dims[iv]], [enc["v"]], data.num_classes, "concat", p.head_hidden)
+    if kind in UNIMODAL:
+        m = UNIMODAL[kind]
+        return FusionMLP([dims[data.index(m)]], [enc[m]], data.num_classes, "concat", p.head_hidden)
     return FusionMLP(list(dims), [enc[m] for m in data.modalities], data.num_classes,
                      "concat" if fusion == "early" else "sum", p.head_hidden)
 
@@ -97,13 +103,14 @@ def clip_rule(model: FusionMLP, grad_trigger: float, clip_norm: float):
 
 
 @torch.no_grad()
-def _evaluate(wrapped: AGM | FusionMLP, xs: tuple[Tensor, ...], y: Tensor, multimodal: bool) -> dict[str, float]:
+def _evaluate(wrapped: AGM | FusionMLP, xs: tuple[Tensor, ...], y: Tensor, multimodal: bool,
+              modality: str = "v") -> dict[str, float]:
     was = wrapped.training
     wrapped.eval()
     try:
         if not multimodal:
             acc = 100.0 * (wrapped(*xs).argmax(1) == y).float().mean().item()
-            return {"test_acc": acc, "phi_v_acc": acc}
+            return {"test_acc": acc, f"phi_{modality}_acc": acc}
         phi_a, phi_v = wrapped.attribute(*xs)
         full = wrapped.model(*xs)
 
@@ -127,7 +134,7 @@ def train_arm(ctx: ArmContext) -> ArmResult:
     p, data, arm = ctx.p, ctx.data, ctx.arm
     kind, _, alpha_field = ARMS[arm]
     net = build_model(arm, data, p).to(ctx.device)
-    multimodal = kind != "v_only"
+    multimodal = kind not in UNIMODAL
     if multimodal:
         model: nn.Module = AGM(net, num_modalities=2, alpha=getattr(p, alpha_field), clamp=p.clamp,
                                enabled=(kind == "agm"))
@@ -135,9 +142,9 @@ def train_arm(ctx: ArmContext) -> ArmResult:
         test_x = data.x_test
     else:
         model = net
-        iv = data.index("v")
-        tensors = (data.x_train[iv], data.y_train)
-        test_x = (data.x_test[iv],)
+        im = data.index(UNIMODAL[kind])
+        tensors = (data.x_train[im], data.y_train)
+        test_x = (data.x_test[im],)
     opt = torch.optim.SGD(model.parameters(), lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay)
     batches = TensorBatches(*tensors, batch_size=p.batch, generator=ctx.generator)
     epoch_log: dict[str, list[float]] = {"k_a": [], "k_v": [], "s_a": [], "s_v": []}
@@ -159,18 +166,17 @@ def train_arm(ctx: ArmContext) -> ArmResult:
             if vals:
                 per_epoch[k].append(sum(vals) / len(vals))
             vals.clear()
-        return _evaluate(m, test_x, data.y_test, multimodal)
+        return _evaluate(m, test_x, data.y_test, multimodal, UNIMODAL.get(kind, "v"))
 
     hist = fit(model, opt, batches, epochs=p.epochs, compute_loss=compute_loss, evaluate=evaluate,
                before_step=clip_rule(net, p.grad_trigger, p.clip_norm), progress=ctx.progress,
                desc=f"{SLUG}/{arm}")
-    metrics = {k: hist.last(k) for k in ("test_acc", "phi_v_acc")}
+    phis = ("phi_a_acc", "phi_v_acc") if multimodal else (f"phi_{UNIMODAL[kind]}_acc",)
+    metrics = {k: hist.last(k) for k in ("test_acc", *phis)}
     metrics["train_loss"] = hist.last("train_loss")
-    curves = {"test_acc": hist.series("test_acc"), "phi_v_acc": hist.series("phi_v_acc")}
+    curves = {k: hist.series(k) for k in ("test_acc", *phis)}
     if multimodal:
-        metrics["phi_a_acc"] = hist.last("phi_a_acc")
         metrics["sum_phi_err"] = max(hist.series("sum_phi_err"))
-        curves["phi_a_acc"] = hist.series("phi_a_acc")
         curves["s_a"], curves["s_v"] = per_epoch["s_a"], per_epoch["s_v"]
         if kind == "agm":
             metrics["k_a_mean"], metrics["k_v_mean"] = per_epoch["k_a"][-1], per_epoch["k_v"][-1]
@@ -191,13 +197,15 @@ def _finish(ctx: ArmContext, out: RunOutput) -> None:
 
 CLAIM = register(Claim(
     slug=SLUG,
+    version=2,
     title="Boosting Multi-modal Model Performance with Adaptive Gradient Modulation",
     arxiv="2308.07686",
     statement=(
-        "On a two-modality task with an easy but only partly reliable shortcut modality, AGM (Shapley-attributed "
-        "per-modality outputs, gradients rescaled by k_m = exp(alpha (rb_m - r_m))) raises fused test "
-        "accuracy by >= 1.5 points and the image modality's attributed accuracy by >= 3 points over joint "
-        "training, for both early (concat) and late (sum) fusion (seed means)"
+        "On a two-modality task where joint training under-uses one modality (the partly reliable shortcut "
+        "a: its attributed accuracy >= 10 points below a alone), AGM (Shapley-attributed per-modality "
+        "outputs, gradients rescaled by k_m = exp(alpha (rb_m - r_m))) raises that modality's attributed "
+        "accuracy by >= 3 points and fused test accuracy by >= 1.5 points over joint training, for both "
+        "early (concat) and late (sum) fusion (seed means)"
     ),
     paper_figure=(
         "AGM beats joint training and OGM-GE/MSLR/MSES/G-Blending on AV-MNIST, CREMA-D, UR-Funny, AVE and "
@@ -210,8 +218,9 @@ CLAIM = register(Claim(
     arms={arm: train_arm for arm in ARMS},
     finish=_finish,
     criterion=AllOf(*(c for f in FUSIONS for c in (
+        Gain(metric="phi_a_acc", ours="a_only", baseline=f"joint_{f}", at_least=10.0),
+        Gain(metric="phi_a_acc", ours=f"agm_{f}", baseline=f"joint_{f}", at_least=3.0),
         Gain(metric="test_acc", ours=f"agm_{f}", baseline=f"joint_{f}", at_least=1.5),
-        Gain(metric="phi_v_acc", ours=f"agm_{f}", baseline=f"joint_{f}", at_least=3.0),
     ))),
     primary=Primary(metric="test_acc", ours="agm_early", baseline="joint_early", unit="%", ceiling=100.0),
     control={f"agm_{f}": f"joint_{f}" for f in FUSIONS},
@@ -227,15 +236,17 @@ CLAIM = register(Claim(
         "noise; corruptions fixed per sample. Mean (not summed) cross-entropy. Modulation on in every "
         "epoch (the official default window is epochs 1-20 of 100). joint_* arms run through the "
         "same AGM wrapper with k=1 (bit-identical to plain training) so their attributed accuracies are "
-        "measured the same way. v_only's phi_v_acc is its test accuracy. The *_a2.5 arms (alpha_secondary) "
+        "measured the same way. v_only's phi_v_acc and a_only's phi_a_acc are their test accuracies. The *_a2.5 arms (alpha_secondary) "
         "are reported, not judged. sum_phi_err = max |phi_a + phi_v - f(a,v)| on the test set (the "
         "efficiency identity)."
     ),
     scale_note=(
-        "Joint training here does not under-train the modality that AGM boosts (the image branch dominates "
-        "and AGM lifts the weaker one), so the fused gain (+0.6 points) stays under the +1.5 required; a "
-        "two-modality task where joint training measurably suppresses one modality would settle it."
+        "Joint training does under-use the shortcut modality here (its attributed accuracy 21-24% against 67% "
+        "for a alone), and AGM closes much of that gap (to 48-51%), but fused accuracy rises only 0.6 "
+        "(early) and 0.4 (late) points, under the +1.5 required (seeds 0-2). Whether the several-point fused "
+        "gains of the paper need its larger encoders and harder modalities (CREMA-D audio-visual, AV-MNIST) "
+        "is what a run on those data sets would settle."
     ),
-    plots=("test_acc", "phi_v_acc", "k_v"),
+    plots=("test_acc", "phi_a_acc", "k_a"),
     bounds={"test_acc": (0.0, 100.0), "phi_v_acc": (0.0, 100.0), "phi_a_acc": (0.0, 100.0)},
 ))
