@@ -575,10 +575,13 @@ def test_claim_rerun_bit_identical(claim, smoke_out):
 
 
 def test_claim_real_data_smoke_is_stored_under_the_data_it_used(claim, data_root, smoke_run):
-    if not (data_root / "mnist").is_dir() or (data_root / "cifar-10-batches-py").is_dir():
-        pytest.skip("needs MNIST and no CIFAR-10 under the real data folder")
+    if (data_root / "cifar-10-batches-py").is_dir():
+        pytest.skip("needs no CIFAR-10 under the real data folder")
+    expect = "fashion_mnist" if (data_root / "fashion_mnist").is_dir() else "mnist"
+    if not (data_root / expect).is_dir():
+        pytest.skip("needs Fashion-MNIST or MNIST under the real data folder")
     out = smoke_run("tract", data_root=data_root)
-    assert out.data == "mnist" and out.info["n_train"] == claim.variants[0].protocol.at("smoke").n_train
+    assert out.data == expect and out.info["n_train"] == claim.variants[0].protocol.at("smoke").n_train
     assert out.info["protocol"] == claim.variants[0].protocol.at("smoke").asdict()
 
 
@@ -586,7 +589,7 @@ def test_claim_missing_real_data_raises(claim, tmp_path):
     from gradkit.harness.claims import RunContext
     from gradkit.data import DataError
 
-    with pytest.raises(DataError, match="CIFAR-10 .* or MNIST"):
+    with pytest.raises(DataError, match="CIFAR-10 .*Fashion-MNIST .* or MNIST"):
         claim.run(RunContext(scale="smoke", seed=0, data_root=tmp_path))
 
 
@@ -611,13 +614,19 @@ def test_real_data_loader_reads_cifar10_layout(tmp_path):
     assert build_cnn(3, 32)(s.x_test).shape == (5, 10)
 
 
-def test_real_data_loader_mnist(data_root):
+def test_real_data_loader_prefers_fashion_mnist_then_mnist(data_root, tmp_path):
     from gradkit.harness.claims.tract import _real_images
 
-    if not (data_root / "mnist").is_dir():
-        pytest.skip("real MNIST files not present")
-    s = _real_images(data_root, n_train=100, n_test=50)
-    assert s.name == "mnist" and s.x_train.shape == (100, 1, 28, 28) and s.y_test.shape == (50,)
+    for name in ("fashion_mnist", "mnist"):
+        if not (data_root / name).is_dir():
+            continue
+        only = tmp_path / name
+        only.mkdir()
+        (only / name).symlink_to(data_root / name, target_is_directory=True)
+        s = _real_images(only, n_train=100, n_test=50)
+        assert s.name == name and s.x_train.shape == (100, 1, 28, 28) and s.y_test.shape == (50,)
+    if not any((data_root / n).is_dir() for n in ("fashion_mnist", "mnist")):
+        pytest.skip("real Fashion-MNIST / MNIST files not present")
 
 
 # ---------------------------------------------------------------------------------------- benchmark, docs

@@ -3,7 +3,7 @@
 Data: scikit-learn digits as 1x8x8 images, each image's contrast scaled about its own mean by a fixed
 random factor (seed-independent), then standardised with one global mean/std (not per image, so contrast
 differences remain); fixed 1437/360 split. With ``--data-root``: CIFAR-10 (the paper's data) when present,
-else MNIST, on fixed subsets. Small CNN Conv2d(c, w1, 3, pad 1) [first layer] -> ReLU -> Conv2d(w1, w2, 3)
+else Fashion-MNIST, else MNIST, on fixed subsets. Small CNN Conv2d(c, w1, 3, pad 1) [first layer] -> ReLU -> Conv2d(w1, w2, 3)
 -> ReLU -> MaxPool(2) -> Linear. SGD momentum, cosine to 0 over each run's own number of steps. Arms,
 each from the same seed (same init and batch order): TrAct (first conv only) for E0 * {1, 2, 4} epochs
 and the plain baseline for E0 * {1, 2, 4, 8} epochs. Metric: final test accuracy of each run. The numbers
@@ -55,7 +55,7 @@ class DigitsProtocol(TrActProtocol):
 
 @dataclass(frozen=True)
 class RealProtocol(TrActProtocol):
-    """CIFAR-10 (else MNIST) on fixed, seed-independent subsets."""
+    """CIFAR-10 (else Fashion-MNIST, else MNIST) on fixed, seed-independent subsets."""
 
     e0: int = scaled(smoke=1, quick=1, full=5)
     n_train: int = scaled(smoke=64, quick=1000, full=50_000)
@@ -85,21 +85,27 @@ def contrast_digits(test_size: int = 360, split_seed: int = 0, contrast: tuple[f
 
 
 def _real_images(root, n_train: int, n_test: int) -> Split:
-    """CIFAR-10 (the paper's data) when under ``root``, else MNIST; fixed subsets, one global mean/std."""
+    """CIFAR-10 (the paper's data) when under ``root``, else Fashion-MNIST, else MNIST; fixed subsets, one
+    global mean/std. Fashion-MNIST comes before MNIST: a small CNN is still improving there after several
+    epochs, where MNIST saturates like digits."""
     from ...data import readers  # lazy: only the real-data branch needs it
 
-    try:
-        (xtr, ytr), (xte, yte), name = readers.load_cifar10(root, "train"), readers.load_cifar10(root, "test"), \
-            "cifar10"
-        xtr, xte = xtr.transpose(0, 3, 1, 2), xte.transpose(0, 3, 1, 2)
-    except DataError as e_cifar:
+    errors = []
+    for name, load in (("cifar10", readers.load_cifar10), ("fashion_mnist", readers.load_fashion_mnist),
+                       ("mnist", readers.load_mnist)):
         try:
-            (xtr, ytr), (xte, yte), name = readers.load_mnist(root, "train"), readers.load_mnist(root, "test"), \
-                "mnist"
-        except DataError as e_mnist:
-            raise DataError(f"tract needs CIFAR-10 (cifar-10-batches-py/) or MNIST (mnist/) under --data-root "
-                            f"{str(root)!r}: {e_cifar}; {e_mnist}") from None
-        xtr, xte = xtr[:, None], xte[:, None]
+            (xtr, ytr), (xte, yte) = load(root, "train"), load(root, "test")
+        except DataError as e:
+            errors.append(str(e))
+            continue
+        if name == "cifar10":
+            xtr, xte = xtr.transpose(0, 3, 1, 2), xte.transpose(0, 3, 1, 2)
+        else:
+            xtr, xte = xtr[:, None], xte[:, None]
+        break
+    else:
+        raise DataError(f"tract needs CIFAR-10 (cifar-10-batches-py/), Fashion-MNIST (fashion_mnist/) or MNIST "
+                        f"(mnist/) under --data-root {str(root)!r}: " + "; ".join(errors))
     itr = np.random.RandomState(0).permutation(len(ytr))[:n_train]  # fixed, seed-independent subsets
     ite = np.random.RandomState(1).permutation(len(yte))[:n_test]
     xtr, xte = xtr[itr].astype(np.float32) / 255.0, xte[ite].astype(np.float32) / 255.0
@@ -159,7 +165,7 @@ def _train_arm(ctx: ArmContext) -> ArmResult:
 
 def _finish(ctx: ArmContext, out: RunOutput) -> None:
     split, m = ctx.data, out.metrics
-    out.data = split.name  # the real-data variant falls back from CIFAR-10 to MNIST
+    out.data = split.name  # the real-data variant falls back from CIFAR-10 to Fashion-MNIST to MNIST
     out.info.update({"n_train": len(split.y_train), "n_test": len(split.y_test),
                      "same_budget_gap_x1": m["tract_x1"]["test_acc"] - m["base_x1"]["test_acc"]})
 
@@ -201,8 +207,8 @@ CLAIM = register(Claim(
     control_note="the plain first layer at each TrAct budget stands in for TrAct",
     variants=(
         Variant(name="cifar10",
-                description="cifar-10-batches-py/ (the paper's data), else mnist/: the same arms on fixed "
-                            "train/test subsets (the run is stored under the data set it used)",
+                description="cifar-10-batches-py/ (the paper's data), else fashion_mnist/, else mnist/: the "
+                            "same arms on fixed train/test subsets (the run is stored under the data set it used)",
                 protocol=RealProtocol, setup=_real_setup),
     ),
     uses=("gradkit.nn.tract.tract", "gradkit.nn.tract.TrActConv2d", "gradkit.functional.tract.TrActConv2dFn",
@@ -218,8 +224,12 @@ CLAIM = register(Claim(
         "dependent). The paper's CIFAR-10/ImageNet runs are not reproduced at this scale."
     ),
     scale_note=(
-        "Digits saturate near 98%, so the epochs-to-match comparisons sit within a point of each other; "
-        "Fashion-MNIST with a CNN, where the baseline still improves at 4N epochs, would settle it."
+        "Digits saturate near 98%, so the epochs-to-match comparisons there sit within a point of each other. "
+        "On Fashion-MNIST (--data-root; 1,000 training images, the baseline still improving from 71% at one "
+        "epoch to 81% at eight) TrAct matches the baseline at equal budgets but is 1.6-4 points short of the "
+        "baseline at twice its epochs: no speed-up on a one-channel task. The paper's gains are on RGB "
+        "CIFAR-10 and ImageNet; a CIFAR-10 run (the variant reads it when present) would settle whether the "
+        "effect needs them."
     ),
     plots=("test_acc", "train_loss"),
     bounds={"test_acc": (0.0, 100.0), "train_loss": (0.0, float("inf")), "first_epoch_loss": (0.0, float("inf")),
