@@ -45,12 +45,14 @@ class PgiProtocol(Protocol):
     """MNIST-1D, a deep-and-thin 1-D CNN, Adam + cosine; stage indices 0-based."""
 
     n_samples: int = scaled(smoke=5000, quick=5000, full=10000)  # 80/20 train/test split of mnist1d
-    epochs: int = scaled(smoke=2, quick=40, full=60)
-    depth: int = 8
-    width: int = 16
-    downsample_at: tuple[int, ...] = (2, 4, 6)  # stride 2 at stages 3, 5, 7 (1-based): lengths 40 -> 5
-    ds_heads_at: tuple[int, ...] = (1, 3, 5)  # deep supervision on main stages 2, 4, 6 (1-based)
-    route_stages: tuple[int, ...] = (1, 3, 5, 7)  # PGI links: main stage j -> aux stages k <= j among these
+    epochs: int = scaled(smoke=2, quick=20, full=60)
+    # deep and thin enough that plain training loses information: depth 16 x width 8 reaches ~77% where
+    # depth 8 x width 16 reaches ~97% (measured at this scale)
+    depth: int = 16
+    width: int = 8
+    downsample_at: tuple[int, ...] = (4, 8, 12)  # stride 2 at stages 5, 9, 13 (1-based): lengths 40 -> 5
+    ds_heads_at: tuple[int, ...] = (3, 7, 11)  # deep supervision on main stages 4, 8, 12 (1-based)
+    route_stages: tuple[int, ...] = (3, 7, 11, 15)  # PGI links: main stage j -> aux stages k <= j among these
     aux_weight: float = 0.25
     lr: float = 3e-3
     batch: int = 128
@@ -211,6 +213,7 @@ def _criterion() -> AllOf:
 
 CLAIM = register(Claim(
     slug=SLUG,
+    version=2,
     title="YOLOv9: Learning What You Want to Learn Using Programmable Gradient Information",
     arxiv="2402.13616",
     statement="Training a deep-and-thin network with PGI's auxiliary reversible branch (multi-level CBLinear/"
@@ -246,8 +249,11 @@ CLAIM = register(Claim(
           "gradient through CBLinear) are what the run shows. No real-data variant: COCO is not among the "
           "supported data sets.",
     scale_note=(
-        "Plain training already reaches 97.6% on MNIST-1D, leaving PGI (+0.1) no room for the +1 required; a "
-        "deeper, thinner network where plain training measurably loses information would settle it."
+        "On a 16-stage, 8-channel 1-D CNN, where plain training loses information (77% on MNIST-1D against "
+        "~97% for 8 stages of 16 channels), PGI's auxiliary branch lowers the main network's accuracy to 67% "
+        "(deep supervision: 76%; seeds 0-2, 20 epochs); at 8 x 16 both sit at ~97.7%. The paper's gains are "
+        "for YOLO detectors on COCO, whose auxiliary branch carries multi-level features of a wide backbone; "
+        "whether PGI needs that, or longer training than 20 epochs, is what a detector-scale run would settle."
     ),
     plots=("test_acc", "grad_early"),
     bounds={"test_acc": (0.0, 100.0), "best_test_acc": (0.0, 100.0)},
