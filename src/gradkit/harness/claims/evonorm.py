@@ -283,7 +283,7 @@ CLAIM = register(Claim(
         "At per-device batch 2 on digits EvoNorm-S0 trails BatchNorm by 16 points, the reverse of the paper, "
         "and at batch 64 both EvoNorms trail BN-ReLU by 10-15 points after 5 epochs. The learning rate is not "
         "the cause: with both regimes' rates at 0.3x, 1x and 3x the defaults (one seed), each EvoNorm arm's "
-        "best is 9-16 points below BN-ReLU's best (batch 64: B0 88%, S0 82%, BN 98%; batch 2: S0 77%, BN 92%). "
+        "best is 10-26 points below BN-ReLU's best (batch 64: B0 88%, S0 81%, BN 98%; batch 2: S0 63%, BN 89%). "
         "The paper trains ImageNet ResNets for 90+ epochs; whether EvoNorms only catch up over such schedules "
         "is what a longer run would settle."
     ),
