@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from gradkit.generative.invertibility import (FlowMaskHead, InvertibilityDecomposition, blend, error_threshold_mask,
+                                              fuse_masks, mask_iou, ood_error_split,
                                               mask_regularizer, warp)
 from gradkit.generative.layered import small_generator
 
@@ -59,3 +60,46 @@ def test_frozen_decoder_gets_no_grad():
     assert any(p.grad is not None for p in dec.heads.parameters())
     with pytest.raises(ValueError, match="stages"):
         InvertibilityDecomposition(enc, gen, stages=(3, 2), enc_channels=(8, 4))
+
+
+def test_fuse_masks_closed_form():
+    prev = torch.tensor([[[[0.0, 0.5], [1.0, 0.25]]]])
+    new = torch.full((1, 1, 2, 2), 0.6)
+    expected = (new * prev + prev * (1 - prev)).clamp(0, 1)
+    assert torch.allclose(fuse_masks(prev, new), expected)
+
+
+def test_ood_error_split_and_iou_known_answers():
+    x = torch.zeros(1, 1, 2, 2)
+    y = torch.tensor([[[[1.0, 0.5], [0.0, 0.0]]]])
+    m = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])
+    split = ood_error_split(x, y, m)
+    assert abs(split["ood_mse"] - 1.0) < 1e-6 and abs(split["id_mse"] - 0.25 / 3) < 1e-6
+    assert abs(float(mask_iou(y, m, threshold=0.4)) - 0.5) < 1e-6
+
+
+def test_area_hinge_drives_mask_down():
+    torch.manual_seed(0)
+    head = FlowMaskHead(4, enc_channels=3, warp_scale=0.3, hidden=8)
+    opt = torch.optim.Adam(head.parameters(), lr=0.05)
+    fe, fg = torch.randn(4, 3, 8, 8), torch.randn(4, 4, 8, 8)
+    with torch.no_grad():
+        start = float(head(fe, fg)[2].mean())
+    for _ in range(30):
+        opt.zero_grad()
+        (50 * mask_regularizer(head(fe, fg)[2], area_target=0.0)).backward()
+        opt.step()
+    with torch.no_grad():
+        end = float(head(fe, fg)[2].mean())
+    assert start > 0.2 and end < 0.05
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match="area_target"):
+        mask_regularizer(torch.rand(1, 1, 4, 4), area_target=1.5)
+    with pytest.raises(ValueError, match="blur"):
+        error_threshold_mask(torch.rand(1, 1, 4, 4), torch.rand(1, 1, 4, 4), tau=0.1, blur=2)
+    with pytest.raises(ValueError, match="x_in and x_rec"):
+        blend(torch.rand(1, 1, 4, 4), torch.rand(1, 1, 5, 5), torch.rand(1, 1, 4, 4))
+    with pytest.raises(ValueError, match="f_gen must have 4 channels"):
+        FlowMaskHead(4, enc_channels=3)(torch.rand(1, 3, 4, 4), torch.rand(1, 5, 4, 4))
