@@ -21,6 +21,7 @@ from .feature_weights import LayerOutputs, feature_weights
 from .linear_eval import linear_probe
 from .negative_weights import NegativeWeights, negative_weight_stats
 
+from .gradient_conflict import GradientConflictProbe, gradient_cosine
 __all__ = ["proxy_a_distance", "estimating_error", "gradient_stability", "quantization_error",
            "biper_quantization_error",
            "ResidualStreamProbe", "hidden_state_stats", "count_spikes", "Saliency", "NormGrad", "GradCAM",
@@ -35,4 +36,4 @@ __all__ = ["proxy_a_distance", "estimating_error", "gradient_stability", "quanti
            "per_example_grads", "check_per_example_model", "hessian_top_eigenvalue", "SharpnessTracker",
            "ActivationRecorder", "collect_activations", "units_view", "standardize", "dead_units",
            "unit_correlation", "UnitMatch", "match_units", "chance_correlation", "SparseStitch", "SparseFit",
-           "fit_sparse_prediction", "partner_r2", "prediction_r2", "JointClusters", "joint_spectral_clusters", "feature_weights", "LayerOutputs", "linear_probe", "NegativeWeights", "negative_weight_stats"]
+           "fit_sparse_prediction", "partner_r2", "prediction_r2", "JointClusters", "joint_spectral_clusters", "feature_weights", "LayerOutputs", "linear_probe", "NegativeWeights", "negative_weight_stats", "gradient_cosine", "GradientConflictProbe"]
