@@ -8,7 +8,7 @@ from .contact import PenaltyContact, penalty_contact_force
 from .fem import SoftBody2D
 from .mesh import TriMesh, rectangle_mesh
 from .sdf import Box, Circle, Polyline, evaluate_sdf
-from .sim import DiffSim2D, clamp_grad_hook
+from .sim import DiffSim2D, clamp_grad_hook, energy_drift
 
-__all__ = ["Box", "Circle", "DiffSim2D", "PenaltyContact", "Polyline", "SoftBody2D", "TriMesh", "clamp_grad_hook",
+__all__ = ["Box", "Circle", "DiffSim2D", "PenaltyContact", "Polyline", "SoftBody2D", "TriMesh", "clamp_grad_hook", "energy_drift",
            "evaluate_sdf", "penalty_contact_force", "rectangle_mesh"]
