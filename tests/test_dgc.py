@@ -333,6 +333,44 @@ def test_claim_smoke(smoke_run):
     assert out.metrics["dgc"]["test_acc"] > 80.0
 
 
+def test_claim_missing_fashion_mnist(tmp_path):
+    from gradkit.data import DataError
+    from gradkit.harness.claims.base import RunContext
+    from gradkit.harness.claims.dgc import CLAIM
+
+    with pytest.raises(DataError, match="Fashion-MNIST"):
+        CLAIM.run(RunContext(scale="smoke", seed=0, data_root=tmp_path))
+
+
+def test_claim_fashion_mnist_smoke(data_root, smoke_run):
+    if not (data_root / "fashion_mnist").is_dir():
+        pytest.skip("fashion_mnist/ not in the real data folder")
+    out = smoke_run("dgc", data_root=data_root)
+    p = out.info["protocol"]
+    assert p["density"] == 0.001 and p["hidden"] == 256 and p["lr_decay"] is True
+    assert set(out.metrics) == {"dense", "topk", "dgc"}
+    for arm, m in out.metrics.items():
+        assert math.isfinite(m["test_acc"]) and 20.0 <= m["test_acc"] <= 100.0, arm
+    # 784-256-10: the dense biases are 0.1% of the parameters, so whole-model bytes come close to the
+    # compressed tensors' own ratio (int32 index + fp32 value per sent entry: 1 / (2 d) = 500x)
+    assert out.metrics["dgc"]["ratio_steady_sparse_only"] >= 0.9 / (2 * p["density"])
+    assert out.metrics["dgc"]["ratio_steady"] >= 0.55 * out.metrics["dgc"]["ratio_steady_sparse_only"]
+
+
+def test_fixed_subset_split_is_seed_independent_and_standardised():
+    import numpy as np
+
+    from gradkit.data.readers import fixed_subset_split
+
+    rng = np.random.RandomState(3)
+    x, y = rng.randint(0, 256, size=(50, 4, 4)).astype(np.uint8), rng.randint(0, 10, size=50)
+    a, b = fixed_subset_split((x, y), (x, y), 20, 10), fixed_subset_split((x, y), (x, y), 20, 10)
+    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)
+    assert a.x_train.shape == (20, 4, 4) and a.x_test.shape == (10, 4, 4)
+    assert abs(float(a.x_train.mean())) < 1e-5 and abs(float(a.x_train.std(unbiased=False)) - 1) < 1e-4
+    assert len(fixed_subset_split((x, y), (x, y), 500, 500).y_train) == 50  # capped at the data
+
+
 def test_benchmarks_register_and_wire_ratio():
     import gradkit.harness.benchmarks.dgc as bench
     from gradkit.harness.bench import BENCHMARKS

@@ -198,3 +198,29 @@ def load_cifar10(root: str | Path, split: str = "train") -> tuple[np.ndarray, np
         xs.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         ys.append(labels)
     return np.concatenate(xs), np.concatenate(ys)
+
+
+def fixed_subset_split(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], n_train: int,
+                       n_test: int, name: str = ""):
+    """A :class:`~gradkit.data.Split` of fixed random subsets of uint8 images, scaled by one global mean/std.
+
+    The subsets are the same for every seed (permutations from seeds 0 and 1), so seeds vary only the training
+    run; ``n_train``/``n_test`` larger than the data take all of it. Mean and std come from the training subset
+    of ``x / 255``. Image shapes are kept (flatten them for an MLP).
+
+    >>> x = np.arange(40, dtype=np.uint8).reshape(10, 2, 2); y = np.arange(10) % 2
+    >>> s = fixed_subset_split((x, y), (x, y), 6, 4, "toy")
+    >>> tuple(s.x_train.shape), tuple(s.x_test.shape), round(float(s.x_train.mean()), 6)
+    ((6, 2, 2), (4, 2, 2), 0.0)
+    """
+    import torch
+
+    from .bundled import Split
+
+    (xtr, ytr), (xte, yte) = train, test
+    itr = np.random.RandomState(0).permutation(len(ytr))[:n_train]
+    ite = np.random.RandomState(1).permutation(len(yte))[:n_test]
+    xtr, xte = xtr[itr].astype(np.float32) / 255.0, xte[ite].astype(np.float32) / 255.0
+    mu, sd = float(xtr.mean()), float(xtr.std())
+    return Split(torch.from_numpy((xtr - mu) / sd), torch.as_tensor(ytr[itr], dtype=torch.int64),
+                 torch.from_numpy((xte - mu) / sd), torch.as_tensor(yte[ite], dtype=torch.int64), name=name)

@@ -17,6 +17,13 @@ the first ``warmup_epochs``; the baseline ``topk`` gets the same schedule so onl
 biases are sent densely (official code). Compression ratios count every byte a worker sends: fp32 values +
 int32 indices of the compressed tensors plus the dense biases, over the run and at the final density
 (steady). ``gradkit show dgc`` prints the protocol.
+
+With ``--data-root`` the ``fashion_mnist`` variant runs the paper's regime instead: a model whose weights
+dominate (MLP 784-256-10, biases 0.1% of the parameters), the paper's density of 0.1% after the same
+warm-up, a step learning-rate decay (x0.1 at 50% and 75% of the epochs), fixed subsets of Fashion-MNIST,
+and the arms dense / topk / dgc. Why it can discriminate: there naive top-k loses several points to dense
+(the control, top-k standing in for DGC, fails the 1-point rule), and the whole-model bytes ratio can reach
+the paper's 270x because dense tensors no longer dominate the bytes.
 """
 from __future__ import annotations
 
@@ -31,7 +38,7 @@ from ...distributed.simulate import CompressorAggregator, DataParallelSimulator,
 from ...distributed.train_dgc import build_model
 from ...engine import accuracy, fit
 from ..protocol import Protocol, scaled
-from .base import ArmContext, ArmResult, Claim, Primary, RunOutput, register
+from .base import ArmContext, ArmResult, Claim, Primary, RunOutput, Variant, register
 from .criteria import AllOf, AtLeast, Drop, Gain
 
 SLUG = "dgc"
@@ -53,6 +60,20 @@ class DgcProtocol(Protocol):
     batch: int = 32  # per worker
     lr: float = 0.1
     momentum: float = 0.9
+    lr_decay: bool = False  # x0.1 at 50% and 75% of the epochs (the paper's CIFAR schedule)
+
+
+@dataclass(frozen=True)
+class FashionProtocol(DgcProtocol):
+    """Fashion-MNIST (fixed subsets), MLP 784-256-10 (weights are 99.9% of the parameters), at the paper's
+    density of 0.1% and its step learning-rate decay."""
+
+    n_train: int = scaled(smoke=1000, quick=10000, full=60000)
+    n_test: int = scaled(smoke=1000, quick=5000, full=10000)
+    hidden: int = 256
+    density: float = 0.001
+    epochs: int = scaled(smoke=2, quick=12, full=40)
+    lr_decay: bool = True
 
 
 def _arm_density(arm: str, p: DgcProtocol) -> float:
@@ -83,8 +104,10 @@ def train_arm(ctx: ArmContext) -> ArmResult:
         ratios.append(agg.compression_ratio())
         return {"test_acc": accuracy(m, split.x_test, split.y_test)}
 
+    sched = (torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[p.epochs // 2, (3 * p.epochs) // 4], gamma=0.1)
+             if p.lr_decay else None)
     hist = fit(model, opt, sim.batches(loaders), epochs=p.epochs, compute_loss=sim.compute_loss,
-               before_step=sim.before_step, on_epoch_start=sim.set_epoch, evaluate=evaluate,
+               before_step=sim.before_step, on_epoch_start=sim.set_epoch, evaluate=evaluate, scheduler=sched,
                progress=ctx.progress, desc=f"{SLUG}/{arm}")
     complete = len(hist.records) == p.epochs
     losses = hist.series("train_loss")
@@ -103,6 +126,25 @@ def train_arm(ctx: ArmContext) -> ArmResult:
 
 def _setup(ctx: ArmContext) -> Split:
     return load_digits_split().to(ctx.device)
+
+
+def _fashion_setup(ctx: ArmContext) -> Split:
+    from ...data import readers  # lazy: only the real-data variant needs it
+
+    root, p = ctx.data_root, ctx.p
+    split = readers.fixed_subset_split(readers.load_fashion_mnist(root, "train"),
+                                       readers.load_fashion_mnist(root, "test"), p.n_train, p.n_test,
+                                       "fashion_mnist")
+    flat = Split(split.x_train.flatten(1), split.y_train, split.x_test.flatten(1), split.y_test, split.name)
+    return flat.to(ctx.device)
+
+
+def _fashion_criterion() -> AllOf:
+    return AllOf(
+        Drop(metric="test_acc", ours=OURS, baseline=BASELINE, at_most=1.0),
+        Gain(metric="test_acc", ours=OURS, baseline=NAIVE, at_least=0.0),
+        AtLeast(metric="ratio_steady", arm=OURS, value=270.0),  # the paper's lowest whole-model ratio
+    )
 
 
 def _finish(ctx: ArmContext, out: RunOutput) -> None:
@@ -156,9 +198,19 @@ CLAIM = register(Claim(
           "paper's large networks) and is kept as it stands. No learning-rate warm-up (the paper also warms "
           "up the learning rate).",
     scale_note=(
-        "Our MLP is about 40% biases, which caps any sparsifier's byte ratio near 29x against the 40x "
-        "required; a weight-dominated model (as the paper's ResNets are) with bytes counted as the paper "
-        "counts them would settle it."
+        "Our digits MLP is about 40% biases by bytes, which caps any sparsifier's byte ratio near 29x against "
+        "the 40x required. The fashion_mnist variant (--data-root) settles the bytes question: on a "
+        "weight-dominated MLP at the paper's 0.1% density the whole-model ratio is 302x, inside the paper's "
+        "270-600x, and DGC beats naive top-k by 4.3 points (83.3 vs 79.0, 6 seeds), but it stays 2.0 points "
+        "below dense (85.3) after 12 epochs, so the 1-point rule fails there too."
+    ),
+    variants=(
+        Variant(name="fashion_mnist",
+                description="fashion_mnist/: dense vs naive top-k vs DGC at the paper's density 0.1% on an "
+                            "MLP 784-256-10 (weights dominate), with a step learning-rate decay; the bytes "
+                            "ratio must reach the paper's 270x",
+                protocol=FashionProtocol, setup=_fashion_setup, arms={arm: train_arm for arm in ARMS[:3]},
+                criterion=_fashion_criterion()),
     ),
     plots=("test_acc", "ratio"),
     bounds={"test_acc": (0.0, 100.0)},

@@ -106,12 +106,7 @@ def _real_images(root, n_train: int, n_test: int) -> Split:
     else:
         raise DataError(f"tract needs CIFAR-10 (cifar-10-batches-py/), Fashion-MNIST (fashion_mnist/) or MNIST "
                         f"(mnist/) under --data-root {str(root)!r}: " + "; ".join(errors))
-    itr = np.random.RandomState(0).permutation(len(ytr))[:n_train]  # fixed, seed-independent subsets
-    ite = np.random.RandomState(1).permutation(len(yte))[:n_test]
-    xtr, xte = xtr[itr].astype(np.float32) / 255.0, xte[ite].astype(np.float32) / 255.0
-    mu, sd = float(xtr.mean()), float(xtr.std())
-    return Split(torch.from_numpy((xtr - mu) / sd), torch.as_tensor(ytr[itr], dtype=torch.int64),
-                 torch.from_numpy((xte - mu) / sd), torch.as_tensor(yte[ite], dtype=torch.int64), name=name)
+    return readers.fixed_subset_split((xtr, ytr), (xte, yte), n_train, n_test, name)
 
 
 # ------------------------------------------------------------------------------------------ model
