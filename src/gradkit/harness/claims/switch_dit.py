@@ -121,8 +121,8 @@ def _arm(ctx: ArmContext) -> ArmResult:
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
-        losses.append(float(dl))
-        priors.append(float(pl))
+        losses.append(float(dl.detach()))
+        priors.append(float(pl.detach()))
     metrics = _evaluate(model, diff, split, p, ctx.seed)
     if routing:
         early = priors[40:61] or priors[:1]
