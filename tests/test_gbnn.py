@@ -514,6 +514,26 @@ def test_claim_smoke(claim, smoke_run):
     assert claim.run(RunContext(scale="smoke", seed=0)).metrics == out.metrics
 
 
+def test_claim_tuning_budgets_are_equal_and_validation_comes_from_training_rows(claim):
+    from gradkit.harness.claims.gbnn import holdout_split, load_split
+
+    for scale in ("smoke", "quick", "full"):
+        p = claim.protocol.at(scale)
+        assert len(p.eta_grid) == len(p.lbfgs_iters_grid) == len(p.adam_lr_grid)
+    split = load_split("diabetes", seed=0)
+    val = holdout_split(split, 0.2, seed=0)
+    n = len(split["y_train"])
+    assert len(val["y_train"]) + len(val["y_val"]) == n and len(val["x_val"]) == round(0.2 * n)
+    assert torch.equal(val["x_test"], split["x_test"])  # the test set is untouched
+    # held-out rows come from the training rows; their targets are back in original units, as test targets are
+    rows = {tuple(r.tolist()) for r in split["x_train"]}
+    assert all(tuple(r.tolist()) in rows for r in val["x_val"])
+    assert abs(float(val["y_val"].mean()) - float(split["y_test"].mean())) < 40.0
+    assert torch.equal(holdout_split(split, 0.2, seed=0)["x_val"], val["x_val"])
+    cls = holdout_split(load_split("wine", seed=1), 0.2, seed=1)
+    assert cls["y_val"].dtype == torch.int64
+
+
 def test_claim_bad_dataset(claim):
     from gradkit.harness.claims import RunContext
 

@@ -18,6 +18,10 @@ within 5% of the best MLP arm on diabetes; (b) anytime inference on digits: GBNN
 of a jointly trained MLP's units loses >= max(5, 2x GBNN's loss), for both MLP arms; (c) the merged
 network equals the staged ensemble (max abs diff < 1e-5 in float64).
 
+Equal tuning budgets: on every data set each arm picks one value from a grid of the same size (GBNN's
+shrinkage eta, the joint L-BFGS iteration count, Adam's learning rate), scored on a validation split cut
+from the training rows (accuracy, or RMSE on diabetes); the chosen model is the one tested.
+
 Every number of the protocol is a field of :class:`GbnnProtocol` (``gradkit show gbnn``).
 """
 from __future__ import annotations
@@ -37,6 +41,7 @@ from ...engine import fit, seed_everything
 from ...nn.gbnn import GradientBoostedMLP, l2_weight_penalty, make_lbfgs, one_hidden_mlp, switch_off_units
 from ..protocol import Protocol, scaled
 from .base import ArmContext, ArmResult, Claim, Primary, RunOutput, register
+from .tuning import tune
 from .criteria import AllOf, AtMost, Below, Check, Criterion, fmt, mean, seed_values
 
 SLUG = "gbnn"
@@ -56,13 +61,16 @@ class GbnnProtocol(Protocol):
     datasets: tuple[str, ...] = scaled(smoke=("breast_cancer", "diabetes"), quick=tuple(DATASETS))
     test_fraction: float = 0.2
     units: int = scaled(smoke=10, quick=50)  # hidden units of every arm (GBNN: one per round)
-    eta: float = 1.0  # GBNN shrinkage of the Newton step
+    # equal tuning budgets: every arm picks one value per data set from a grid of the same size, scored on a
+    # validation split cut from the training data (the chosen model is the one tested)
+    eta_grid: tuple[float, ...] = scaled(smoke=(1.0,), quick=(0.1, 0.3, 1.0))  # GBNN shrinkage of the Newton step
+    lbfgs_iters_grid: tuple[int, ...] = scaled(smoke=(200,), quick=(50, 100, 200))  # joint L-BFGS iterations
+    adam_lr_grid: tuple[float, ...] = scaled(smoke=(1e-3,), quick=(3e-4, 1e-3, 3e-3))
+    val_fraction: float = 0.2
     subsample: float = 0.5  # GBNN: fraction of the training set each learner is fitted on
     diabetes_subsample: float = scaled(smoke=1.0, quick=0.5)  # the same, on diabetes
     inner_iters: int = 200  # L-BFGS iterations per GBNN learner
     weight_decay: float = 1e-4  # L2 alpha of every arm (0.5 alpha ||W||^2 / n)
-    lbfgs_iters: int = 200
-    adam_lr: float = 1e-3
     adam_epochs: int = 200
     adam_batch: int = 200
 
@@ -104,9 +112,10 @@ def load_split(name: str, seed: int, test_fraction: float = GbnnProtocol.test_fr
 
 
 # ----------------------------------------------------------------------------- evaluation
-def _score(task: str, out: torch.Tensor, split: dict) -> float:
-    """Accuracy in percent (classification) or RMSE in the target's original units (regression)."""
-    y = split["y_test"]
+def _score(task: str, out: torch.Tensor, split: dict, y: torch.Tensor | None = None) -> float:
+    """Accuracy in percent (classification) or RMSE in the target's original units (regression), against
+    ``y`` (default: the test targets)."""
+    y = split["y_test"] if y is None else y
     if task == "regression":
         pred = out.double().squeeze(1).cpu() * split["y_std"] + split["y_mean"]
         return float(((pred - y) ** 2).mean().sqrt())
@@ -134,13 +143,13 @@ def _keeps(units: int) -> list[int]:
     return sorted(set(range(0, units + 1, step)) | {units // 2, units})
 
 
-def _fit_gbnn(ctx: ArmContext, name: str, split: dict, subsample: float) -> dict:
+def _fit_gbnn(ctx: ArmContext, name: str, split: dict, subsample: float, eta: float) -> dict:
     p = ctx.p
     units, task, k = p.units, split["task"], split["classes"]
     dev = ctx.device
     xtr, ytr, xte = split["x_train"].to(dev), split["y_train"].to(dev), split["x_test"].to(dev)
     gen = seed_everything(ctx.seed)  # every data set starts from the run's seed
-    gb = GradientBoostedMLP(xtr.shape[1], k, task, total_units=units, units_per_step=1, eta=p.eta,
+    gb = GradientBoostedMLP(xtr.shape[1], k, task, total_units=units, units_per_step=1, eta=eta,
                             subsample=subsample, inner_iters=p.inner_iters, weight_decay=p.weight_decay)
     half = units // 2
     try:
@@ -151,6 +160,8 @@ def _fit_gbnn(ctx: ArmContext, name: str, split: dict, subsample: float) -> dict
                 "merge_diff": nan, "merge_rel_diff": nan, "loss_ratio": nan, "decreasing": nan, "rhos": [],
                 "error": str(e)}
     staged = list(gb.staged_scores(xte))  # staged[t] = F_t(x_test): anytime prediction
+    if "x_val" in split:
+        res_val = _score(task, gb.decision_function(split["x_val"].to(dev)), split, split["y_val"])
     res = {"score": _score(task, staged[-1], split), "half_score": _score(task, staged[half], split),
            "anytime": [_score(task, staged[s], split) for s in _keeps(units)], "train_loss": list(gb.train_loss_)}
     # (c) the merged network equals the staged ensemble, in float64; so does its truncation
@@ -169,10 +180,13 @@ def _fit_gbnn(ctx: ArmContext, name: str, split: dict, subsample: float) -> dict
     res["loss_ratio"] = losses[-1] / losses[0] if losses[0] > 0 else float("nan")
     res["decreasing"] = sum(b < a for a, b in zip(losses, losses[1:])) / max(len(losses) - 1, 1)
     res["rhos"] = [round(float(r), 6) for r in gb.step_sizes]
+    if "x_val" in split:
+        res["val_score"] = res_val
     return res
 
 
-def _fit_mlp(ctx: ArmContext, name: str, split: dict, solver: str) -> dict:
+def _fit_mlp(ctx: ArmContext, name: str, split: dict, solver: str, value: float) -> dict:
+    """One jointly trained MLP; ``value``: L-BFGS iterations or Adam's learning rate."""
     p = ctx.p
     units, task, k = p.units, split["task"], split["classes"]
     dev = ctx.device
@@ -183,19 +197,58 @@ def _fit_mlp(ctx: ArmContext, name: str, split: dict, solver: str) -> dict:
     loss = _mlp_loss(task, p.weight_decay)
     desc = f"{SLUG}/mlp_{solver}-{name}"
     if solver == "lbfgs":
-        hist = fit(model, make_lbfgs(model.parameters(), p.lbfgs_iters), [(xtr, ytr)], epochs=1,
+        hist = fit(model, make_lbfgs(model.parameters(), int(value)), [(xtr, ytr)], epochs=1,
                    compute_loss=loss, progress=ctx.progress, desc=desc)
     else:
         batches = TensorBatches(xtr, ytr, batch_size=min(p.adam_batch, len(xtr)), generator=gen)
-        hist = fit(model, torch.optim.Adam(model.parameters(), lr=p.adam_lr), batches, epochs=p.adam_epochs,
+        hist = fit(model, torch.optim.Adam(model.parameters(), lr=value), batches, epochs=p.adam_epochs,
                    compute_loss=loss, progress=ctx.progress, desc=desc)
     model.eval()
     with torch.no_grad():
         res = {"score": _score(task, model(xte), split),
                "half_score": _score(task, switch_off_units(model, units // 2)(xte), split),
                "anytime": [_score(task, switch_off_units(model, s)(xte), split) for s in _keeps(units)]}
+        if "x_val" in split:
+            res["val_score"] = _score(task, model(split["x_val"].to(dev)), split, split["y_val"])
     res["diverged"] = any(not math.isfinite(v) for v in hist.series("train_loss"))
     return res
+
+
+def holdout_split(split: dict, fraction: float, seed: int) -> dict:
+    """``split`` with a validation set cut from its training rows: ``x_val``/``y_val`` are held out, the model
+    trains on the rest, and the test set is unchanged (held-out regression targets back in original units,
+    as the test targets are)."""
+    n = len(split["y_train"])
+    n_val = max(1, int(round(n * fraction)))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed) + 104729))
+    val, fit_rows = perm[:n_val], perm[n_val:]
+    out = {**split, "x_train": split["x_train"][fit_rows], "y_train": split["y_train"][fit_rows],
+           "x_val": split["x_train"][val]}
+    if split["task"] == "regression":
+        out["y_val"] = split["y_train"][val].double() * split["y_std"] + split["y_mean"]
+    else:
+        out["y_val"] = split["y_train"][val]
+    return out
+
+
+def _tuned_fit(ctx: ArmContext, name: str, grid: Sequence[float], fit_one) -> tuple[dict, dict]:
+    """``fit_one(split, value) -> result``: every value of ``grid`` trains on the training rows minus a
+    validation split and is scored on it; the chosen value's model is the one scored on the test set (no
+    refit on all rows, which would add a fourth fit to the quick budget). A one-value grid trains on all
+    training rows. Returns the result and the tuning record."""
+    split = ctx.data[name]
+    if len(grid) == 1:
+        return fit_one(split, grid[0]), {"chosen": grid[0], "grid": list(grid)}
+    val = holdout_split(split, ctx.p.val_fraction, ctx.seed)
+    results = {}
+
+    def trial(v):
+        results[v] = fit_one(val, v)
+        return results[v]["val_score"]
+
+    lower = DATASETS[name][0] == "regression"
+    tuned = tune(grid, trial, mode="min" if lower else "max")
+    return results[tuned.value], tuned.as_info()
 
 
 # ----------------------------------------------------------------------------- arms
@@ -228,11 +281,12 @@ def _gbnn_arm(ctx: ArmContext) -> ArmResult:
     p = ctx.p
     metrics: dict[str, float] = {}
     curves: dict[str, list[float]] = {}
-    info: dict = {"rho": {}}
+    info: dict = {"rho": {}, "tuned": {}}
     merge, merge_rel = [], []
     for name in p.datasets:
         sub = p.diabetes_subsample if name == "diabetes" else p.subsample
-        g = _fit_gbnn(ctx, name, ctx.data[name], sub)
+        g, info["tuned"][name] = _tuned_fit(ctx, name, p.eta_grid,
+                                            lambda split, eta: _fit_gbnn(ctx, name, split, sub, eta))
         _scores(metrics, curves, name, g)
         merge.append(g["merge_diff"])
         merge_rel.append(g["merge_rel_diff"])
@@ -255,14 +309,16 @@ def _gbnn_arm(ctx: ArmContext) -> ArmResult:
 def _mlp_arm(ctx: ArmContext) -> ArmResult:
     metrics: dict[str, float] = {}
     curves: dict[str, list[float]] = {}
-    diverged = {}
+    diverged, tuned = {}, {}
+    solver = ctx.arm.removeprefix("mlp_")
+    grid = ctx.p.lbfgs_iters_grid if solver == "lbfgs" else ctx.p.adam_lr_grid
     for name in ctx.p.datasets:
-        r = _fit_mlp(ctx, name, ctx.data[name], ctx.arm.removeprefix("mlp_"))
+        r, tuned[name] = _tuned_fit(ctx, name, grid, lambda split, v: _fit_mlp(ctx, name, split, solver, v))
         _scores(metrics, curves, name, r)
         diverged[name] = r["diverged"]
     _acc_mean(metrics, ctx.p.datasets)
     metrics["merge_max_diff"] = 0.0  # a jointly trained MLP is already one network: nothing to merge
-    return ArmResult(metrics, curves, {"diverged": diverged})
+    return ArmResult(metrics, curves, {"diverged": diverged, "tuned": tuned})
 
 
 def _finish(ctx: ArmContext, out: RunOutput) -> None:
@@ -387,6 +443,7 @@ def _criterion() -> AllOf:
 
 CLAIM = register(Claim(
     slug=SLUG,
+    version=2,  # 2: equal tuning budgets (three-value grids chosen on validation) for every arm
     title="Sequential Training of Neural Networks with Gradient Boosting",
     arxiv="1909.12098",
     statement=(
@@ -438,8 +495,11 @@ CLAIM = register(Claim(
         "our port."
     ),
     scale_note=(
-        "Whether a smaller shrinkage removes the collapse is open: an eta chosen on a validation split from a "
-        "grid as large as the baselines' learning-rate grid would settle it."
+        "With equal three-value budgets chosen on validation GBNN no longer collapses (it picks eta = 0.1 on "
+        "most sets): mean accuracy 97.4 vs 96.9-97.0 (seeds 0-2) and 97.3 vs 96.7-98.3 (seeds 3-5), and "
+        "keeping half its units costs 0.6 points against 7-15 for the joint MLPs; it still trails by about 2 "
+        "points on digits (95.5 vs 97.5) and 8-17% in RMSE on diabetes. The paper tunes every model by 10-fold "
+        "cross-validated grids; larger grids here would show whether the digits gap closes."
     ),
     plots=("digits_anytime_acc", "gbnn_train_loss"),
     bounds={**{f"acc_{n}": (0.0, 100.0) for n in CLASSIFICATION}, "acc_mean": (0.0, 100.0),
