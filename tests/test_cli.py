@@ -6,6 +6,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 
 import pytest
@@ -19,6 +20,8 @@ def gk(*args, env=None, db=None, timeout=120, **kw):
     e["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO / "src"), e.get("PYTHONPATH", "")])
     if db is not None:
         e["GRADKIT_DB"] = str(db)
+        if Path(db).parent.is_dir():  # the default ./gradkit-report lands beside the test's database
+            kw.setdefault("cwd", Path(db).parent)
     e.update(env or {})
     return subprocess.run([sys.executable, "-m", "gradkit", *args], capture_output=True, text=True, env=e,
                           timeout=timeout, **kw)
@@ -119,7 +122,7 @@ def test_reproduce_resumes_after_kill_9(tmp_path):
     e = dict(os.environ, GRADKIT_CLAIMS="fake_claims", GRADKIT_DB=str(db), **env,
              PYTHONPATH=os.pathsep.join([str(TESTS), str(REPO / "src")]))
     p = subprocess.Popen([sys.executable, "-m", "gradkit", "reproduce", "--only", "fake-gate", "--seeds", "4"],
-                         env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                         env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
     try:
         _wait_for_rows(db, 2, p, 90)  # seeds 0 and 1 stored; seed 2 then blocks on the gate
         p.send_signal(signal.SIGKILL)
@@ -170,7 +173,7 @@ def test_parallel_reproduce_resumes_after_kill_9_of_every_process(tmp_path):
              PYTHONPATH=os.pathsep.join([str(TESTS), str(REPO / "src")]))
     p = subprocess.Popen([sys.executable, "-m", "gradkit", "reproduce", "--only", "fake-gate", "--seeds", "4",
                           "--jobs", "2"], env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         start_new_session=True)
+                         start_new_session=True, cwd=tmp_path)
     try:
         _wait_for_rows(db, 2, p, 300)  # seeds 0 and 1 stored by the workers; 2 and 3 block on the gate
         os.killpg(p.pid, signal.SIGKILL)  # the parent and its workers, as a power cut would
