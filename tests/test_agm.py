@@ -469,7 +469,7 @@ def test_agm_disabled_is_bit_identical_to_joint_training():
 
 
 def test_agm_gradients_match_naive_hook_reference():
-    # reference: the spec's usage, out = sum_m grad_scale(phi_m, k_m), with the official order
+    # reference: the paper's usage, out = sum_m grad_scale(phi_m, k_m), with the official order
     # (scores of this step, coefficients, then running means)
     net, agm = _agm_pair(alpha=2.0, dims=(3, 4, 5))
     ctrl = AGMController(3, alpha=2.0)

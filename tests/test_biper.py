@@ -571,7 +571,7 @@ def test_quantization_error_equals_naive_formula():
 
 
 def test_qe_falls_with_freq_and_matches_the_spec_values():
-    # spec: Gaussian weights with std 0.05 -> QE ~ 0.96, 0.80, 0.42, 0.364 at freq = 1, 5, 20, 50
+    # protocol: Gaussian weights with std 0.05 -> QE ~ 0.96, 0.80, 0.42, 0.364 at freq = 1, 5, 20, 50
     w = torch.randn(400_000, generator=torch.Generator().manual_seed(0)) * 0.05
     qes = [quantization_error(w, f) for f in (1.0, 5.0, 20.0, 50.0)]
     for q, ref in zip(qes, (0.96, 0.80, 0.42, 0.364)):

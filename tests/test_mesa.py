@@ -201,7 +201,7 @@ def test_backward_equals_exact_backward_at_xhat(op):
         y = q_layer_norm(x, 8, w, bias, 1e-5, q)
         gy = torch.randn(y.shape, dtype=D, generator=gout_gen)
         got = torch.autograd.grad(y, (x, w, bias), gy)
-        # reference: LN backward at x_hat with mean/rstd of the exact x (the spec keeps them exact)
+        # reference: LN backward at x_hat with mean/rstd of the exact x (the paper keeps them exact)
         xd = x.detach()
         mean = xd.mean(-1, keepdim=True)
         rstd = (xd.var(-1, unbiased=False, keepdim=True) + 1e-5).rsqrt()

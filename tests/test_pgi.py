@@ -54,7 +54,7 @@ def naive_resize(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
 
 
 def naive_aux_forward(pgi: PGIWrapper, x: torch.Tensor) -> torch.Tensor:
-    """The spec's equations written out: pieces by explicit matmul, fused sum at each aux stage input."""
+    """The paper's equations written out: pieces by explicit matmul, fused sum at each aux stage input."""
     feats, h = {}, x
     for j, s in enumerate(pgi.main_stages):
         h = s(h)

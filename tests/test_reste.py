@@ -24,7 +24,7 @@ T, M = 1.5, 0.1
 
 # ---------------------------------------------------------------------------------------- references
 def naive_reste_derivative(v: float, o: float, t: float = T, m: float = M) -> float:
-    """The spec's closed form, one element at a time."""
+    """The paper's closed form, one element at a time."""
     a = abs(v)
     if a > t:
         return 0.0

@@ -75,7 +75,7 @@ def test_inverse_float64_and_float32_16_blocks():
     st32 = rev_mbconv_stage(8, 16)
     x32 = torch.randn(1, 8, 4, 4, 4)
     with torch.no_grad():
-        # float32 round-off accumulates over the 16 inversions: measured ~1e-5 relative (spec target 1e-5)
+        # float32 round-off accumulates over the 16 inversions: measured ~1e-5 relative (the protocol's former bound 1e-5)
         assert (st32.inverse(st32(x32)) - x32).abs().max() / x32.abs().max() < 5e-5
 
 

@@ -117,7 +117,7 @@ def test_empty_batch_gives_zero_gradient():
 
 # ---------------------------------------------------------------------------------------- linear layer
 def test_one_sgd_step_of_tractlinear_is_the_ridge_fit():
-    # the spec's smoke check: TrActLinear on a random regression batch
+    # a smoke check: TrActLinear on a random regression batch
     b, n, m, lr, lam = 32, 8, 5, 0.05, 0.1
     X = torch.randn(b, n, dtype=D, generator=gen(13))
     Y = torch.randn(b, m, dtype=D, generator=gen(14))
