@@ -422,6 +422,24 @@ def test_claim_smoke_real_data(dann_claim):
     assert dann_claim.CLAIM.criterion_for(out.data) is dann_claim.CLAIM.variants[0].criterion
 
 
+def test_digits_cnn_init_options(dann_claim):
+    """The MNIST-M CNN: PyTorch's init or truncated-normal weights (sigma 0.1, cut at 2 sigma) with biases 0.1."""
+    DigitsDANN = dann_claim.DigitsDANN
+    net = DigitsDANN(init="trunc_normal", generator=torch.Generator().manual_seed(0)).requires_grad_(False)
+    layers = [m for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert len(layers) == 7  # 2 convs, 3 label layers, 2 domain layers
+    for m in layers:
+        assert torch.all(m.bias == 0.1)
+        assert float(m.weight.abs().max()) <= 0.2
+    big = net.label[0].weight  # 120,000 draws
+    assert 0.085 < float(big.std()) < 0.095  # N(0, 0.01) cut at 2 sigma has std 0.088
+    again = DigitsDANN(init="trunc_normal", generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again.label[0].weight, big)
+    assert float(DigitsDANN(init="torch").label[0].weight.detach().abs().max()) < 0.03  # kaiming-uniform bound 1/sqrt(1200)
+    with pytest.raises(ValueError, match="init must be 'torch' or 'trunc_normal'"):
+        DigitsDANN(init="xavier")
+
+
 # ------------------------------------------------------------------------ benchmark and docs
 def test_benchmark_registered_and_runs():
     import gradkit.harness.benchmarks.dann as bench_mod
