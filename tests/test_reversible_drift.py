@@ -1,4 +1,5 @@
 """Drift check of reversible chains: long float32 chains are caught, gradients stay right."""
+import math
 import warnings
 
 import pytest
@@ -72,6 +73,28 @@ def test_probe_drift_on_chains_without_a_first_step():
     x = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
     seq(x).sum().backward()
     assert seq.drift.checks == 1 and seq.drift.last < 1e-12
+
+
+def test_drift_probe_of_strided_views_and_the_drift_formula():
+    from gradkit.functional.reversible import PROBE_SIZE, _probe, _rel_drift
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 40, 5, 7, generator=g)
+    half = x.chunk(2, dim=1)[1]  # a strided view, as the halves of a coupling are
+    _, ref = _probe(half)
+    flat = half.contiguous().reshape(-1)
+    idx = torch.linspace(0, flat.numel() - 1, PROBE_SIZE).long()
+    assert torch.equal(ref, flat[idx])
+    x.mul_(2)  # the probe is a copy
+    assert torch.equal(ref, flat[idx])
+    got = ref + 1e-3 * torch.randn(ref.shape, generator=g)
+    naive = float((got - ref).abs().max() / ref.abs().max())
+    assert _rel_drift(got, ref) == pytest.approx(naive, rel=1e-6)
+    assert math.isnan(_rel_drift(torch.full_like(ref, float("nan")), ref))
+    assert math.isnan(_rel_drift(ref, torch.full_like(ref, float("nan"))))
+    assert _rel_drift(torch.ones(3), torch.zeros(3)) > 1e30  # zero reference: floored denominator
+    i0, r0 = _probe(torch.tensor(2.0))
+    assert i0.tolist() == [0] and r0.tolist() == [2.0]
 
 
 def test_inexact_chain_without_saved_input_warns_and_stores_activations_next():

@@ -111,7 +111,11 @@ class DriftMonitor:
 
 
 def _rel_drift(got: Tensor, ref: Tensor) -> float:
-    return float((got - ref).abs().max() / ref.abs().max().clamp_min(torch.finfo(ref.dtype).tiny))
+    """max|got - ref| / max|ref| (NaN when either holds NaN); the denominator floored at the dtype's tiny."""
+    inf = float("inf")
+    num = float(torch.linalg.vector_norm(got - ref, ord=inf))
+    den = float(torch.linalg.vector_norm(ref, ord=inf))
+    return num / max(den, torch.finfo(ref.dtype).tiny) if den == den else float("nan")
 
 
 @functools.lru_cache(maxsize=64)
@@ -120,9 +124,10 @@ def _probe_index(numel: int, device: torch.device) -> Tensor:
 
 
 def _probe(t: Tensor) -> tuple[Tensor, Tensor]:
-    flat = t.detach().reshape(-1)
-    idx = _probe_index(flat.numel(), flat.device)
-    return idx, flat[idx].clone()
+    """Flat (row-major) indices of up to PROBE_SIZE evenly spaced entries of ``t`` and a copy of them;
+    ``torch.take`` reads them without copying ``t`` when it is a strided view (a coupling's half)."""
+    idx = _probe_index(t.numel(), t.device)
+    return idx, torch.take(t.detach(), idx)
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -400,7 +405,7 @@ class MultiLevelReversibleFunction(torch.autograd.Function):
                 g_cur = g_old
             if ctx.probes is not None:
                 for (idx, ref), got in zip(ctx.probes, y_cur):
-                    drift = max(drift, _rel_drift(got.reshape(-1)[idx], ref))
+                    drift = max(drift, _rel_drift(torch.take(got, idx), ref))
             if ctx.monitor is not None and ctx.monitor.record(drift):
                 exact = steps[0].first
                 if ctx.monitor.trips == 1:
