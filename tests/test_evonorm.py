@@ -359,6 +359,24 @@ def test_claim_smoke(smoke_run):
     assert CLAIM.run(RunContext(scale="smoke", seed=0)).metrics == out.metrics
 
 
+def test_claim_tunes_every_arm_on_validation():
+    """With a grid, each arm trains once per lr factor on the training images minus the validation split and keeps
+    the factor with the best validation accuracy; the grid is the same for every arm."""
+    from gradkit.harness.claims.base import RunContext
+    from gradkit.harness.claims.evonorm import ARMS, CLAIM
+
+    out = CLAIM.run(RunContext(scale="smoke", seed=0, overrides={"small_lr_factors": (0.3, 1.0),
+                                                                     "normal_lr_factors": (0.3, 1.0),
+                                                                     "n_train": 120}))
+    for arm in ARMS:
+        t = out.info["arms"][arm]["tuned"]
+        assert t["grid"] == [0.3, 1.0], arm
+        best = max(range(2), key=lambda i: (t["val_scores"][i], -i))
+        assert t["chosen"] == t["grid"][best], arm
+        assert out.metrics[arm]["lr"] == pytest.approx(t["base_lr"] * t["chosen"])
+        assert out.metrics[arm]["test_acc"] == t["test_acc"][best]
+
+
 def test_claim_models_use_evonorm():
     from gradkit.harness.claims.evonorm import build_resnet
 

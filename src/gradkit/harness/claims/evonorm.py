@@ -14,6 +14,10 @@ the official ResNet); GN-ReLU uses GroupNorm. All gammas start at 1. SGD with mo
 - normal batch: arms ``bn_relu_b64``, ``b0_b64``, ``s0_b64``; lr cosine to 0 per step.
 - ``--data-root`` with ``usps/``: the small-batch regime on USPS 16x16.
 
+Equal tuning budgets: every arm trains once per learning-rate factor of its regime (batch 2: 0.3, 1 and 3
+times the regime's lr; batch 64: 0.3, 1, 3 and 10 times) on the training images minus a 20% validation split,
+and keeps the factor with the best validation accuracy; that model is the one tested (no refit).
+
 Every number is a field of :class:`EvonormProtocol` (``gradkit show evonorm``).
 """
 from __future__ import annotations
@@ -30,11 +34,12 @@ from torch import nn
 
 from ...data import Split, TensorBatches, load_digits_split
 from ...data.real import data_folder
-from ...engine import accuracy, fit
+from ...engine import accuracy, fit, seed_everything
 from ...nn.evonorm import replace_bn_relu
 from ..protocol import Protocol, scaled
 from .base import ArmContext, ArmResult, Claim, Primary, RunOutput, Variant, register
 from .criteria import AllOf, Drop, Gain
+from .tuning import holdout, tune
 
 SLUG = "evonorm"
 SMALL_ARMS = ("bn_relu_b2", "gn_relu_b2", "s0_b2")
@@ -56,6 +61,11 @@ class _Common(Protocol):
     weight_decay: float = 5e-4
     max_shift: int = 1  # random shift augmentation, pixels
     loss_window: int = 20  # steps per point of the step-loss curve
+    # equal tuning budgets: every arm multiplies its regime's lr by each factor of the regime's grid, trains on the
+    # training images minus a validation split, and keeps the factor with the best validation accuracy (that
+    # model is tested).
+    small_lr_factors: tuple[float, ...] = scaled(smoke=(1.0,), quick=(0.3, 1.0, 3.0))
+    val_fraction: float = 0.2
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,8 @@ class EvonormProtocol(_Common):
     normal_batch: int = 64
     normal_epochs: int = scaled(smoke=1, quick=5, full=15)
     normal_lr: float = 0.05
+    # the batch-64 grid reaches 10x: at 3x the EvoNorm arms' validation accuracy was still rising
+    normal_lr_factors: tuple[float, ...] = scaled(smoke=(1.0,), quick=(0.3, 1.0, 3.0, 10.0))
     normal_constant_frac: float = 0.0
 
 
@@ -173,14 +185,41 @@ def _usps_setup(ctx: ArmContext) -> Split:
 
 # ----------------------------------------------------------------------------------------- training
 def _train(ctx: ArmContext) -> ArmResult:
-    """One arm: the norm is the arm's prefix, the regime (batch, epochs, lr, schedule) its suffix."""
-    p, split, arm = ctx.p, ctx.data, ctx.arm
+    """One arm, its learning rate tuned: the regime's lr times each of its factors, chosen on a validation split."""
+    p = ctx.p
+    small = ctx.arm in SMALL_ARMS
+    base_lr = p.small_lr if small else p.normal_lr
+    factors = p.small_lr_factors if small else p.normal_lr_factors
+    if len(factors) == 1:
+        res = _train_once(ctx, ctx.data, base_lr * factors[0])
+        res.metrics["lr"] = base_lr * factors[0]
+        return res
+    fit_split, val_split = holdout(ctx.data, p.val_fraction, seed=ctx.seed)
+    runs: dict[float, ArmResult] = {}
+
+    def trial(factor: float) -> float:
+        runs[factor] = _train_once(ctx, fit_split, base_lr * factor, val=val_split)
+        return runs[factor].metrics["val_acc"]
+
+    tuned = tune(factors, trial)
+    res = runs[tuned.value]
+    res.metrics["lr"] = base_lr * tuned.value
+    res.info["tuned"] = {**tuned.as_info(), "base_lr": base_lr,
+                         "test_acc": [runs[f].metrics["test_acc"] for f in factors]}
+    return res
+
+
+def _train_once(ctx: ArmContext, split: Split, lr: float, val: Split | None = None) -> ArmResult:
+    """One training run: the norm is the arm's prefix, the regime (batch, epochs, schedule) its suffix.
+
+    Every run of an arm starts from the same seed (same init, same shuffles), whatever its learning rate."""
+    p, arm = ctx.p, ctx.arm
     if arm in SMALL_ARMS:
-        batch, epochs, lr, warm_frac = p.small_batch, p.small_epochs, p.small_lr, p.small_constant_frac
+        batch, epochs, warm_frac = p.small_batch, p.small_epochs, p.small_constant_frac
     else:
-        batch, epochs, lr, warm_frac = p.normal_batch, p.normal_epochs, p.normal_lr, p.normal_constant_frac
+        batch, epochs, warm_frac = p.normal_batch, p.normal_epochs, p.normal_constant_frac
     norm = arm.split("_")[0]
-    gen = ctx.generator
+    gen = seed_everything(ctx.seed)
     model = build_resnet(norm, split.x_train.shape[1], split.num_classes, widths=p.widths,
                          groups=p.groups).to(ctx.device)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=p.momentum, weight_decay=p.weight_decay)
@@ -214,12 +253,15 @@ def _train(ctx: ArmContext) -> ArmResult:
                scheduler_every="step", progress=ctx.progress, desc=f"{SLUG}/{arm}")
     k = max(1, len(step_losses) // 5)
     finished = len(hist.records) == epochs and math.isfinite(hist.last("train_loss"))
+    nan = float("nan")
     metrics = {
-        "test_acc": hist.last("test_acc") if finished else float("nan"),  # a diverged run fails the criterion
+        "test_acc": hist.last("test_acc") if finished else nan,  # a diverged run fails the criterion
         "train_loss": hist.last("train_loss"),
         "loss_first": float(np.mean(step_losses[:k])),
         "loss_last": float(np.mean(step_losses[-k:])),
     }
+    if val is not None:
+        metrics["val_acc"] = accuracy(model, val.x_test, val.y_test, batch_size=512) if finished else nan
     w = p.loss_window
     curves = {"test_acc": hist.series("test_acc"),
               "step_loss": [float(np.mean(step_losses[i:i + w])) for i in range(0, len(step_losses), w)]}
@@ -237,6 +279,7 @@ SMALL_CRITERION = AllOf(
 
 CLAIM = register(Claim(
     slug=SLUG,
+    version=2,  # 2: every arm's learning rate chosen from the same three-value grid on a validation split
     title="Evolving Normalization-Activation Layers",
     arxiv="2004.02967",
     statement="At batch 2, EvoNorm-S0 beats BN-ReLU by >= 1 point of test accuracy and is within 1 point of "
@@ -280,12 +323,13 @@ CLAIM = register(Claim(
           "zero-init of each branch's last gamma is off for all arms: at these step budgets it stalls every "
           "arm (BN-ReLU included).",
     scale_note=(
-        "At per-device batch 2 on digits EvoNorm-S0 trails BatchNorm by 16 points, the reverse of the paper, "
-        "and at batch 64 both EvoNorms trail BN-ReLU by 10-15 points after 5 epochs. The learning rate is not "
-        "the cause: with both regimes' rates at 0.3x, 1x and 3x the defaults (one seed), each EvoNorm arm's "
-        "best is 10-26 points below BN-ReLU's best (batch 64: B0 88%, S0 81%, BN 98%; batch 2: S0 63%, BN 89%). "
-        "The paper trains ImageNet ResNets for 90+ epochs; whether EvoNorms only catch up over such schedules "
-        "is what a longer run would settle."
+        "Every arm's learning rate is tuned on a validation split (batch 2: 0.3, 1, 3 x 0.01; batch 64: 0.3, 1, "
+        "3, 10 x 0.05), and the chosen values lie inside the grids for the EvoNorm arms (S0 at batch 2 always "
+        "picks 1x; at batch 64 both EvoNorms mostly pick 3x, and B0 diverges at 10x). Tuned, seeds 0-5: at "
+        "batch 2 EvoNorm-S0 reaches 70.0% against BN-ReLU's 84.4%, the reverse of the paper, though above "
+        "GN-ReLU's 66.7% as the paper finds; at batch 64 B0 reaches 86.5% and S0 85.3% against BN-ReLU's 97.2% "
+        "after 5 epochs. The paper trains ImageNet ResNets for 90+ epochs; whether EvoNorms only catch up "
+        "over such schedules is what a longer run would settle."
     ),
     plots=("step_loss", "test_acc"),
     bounds={"test_acc": (0.0, 100.0), "train_loss": (0.0, math.inf), "loss_first": (0.0, math.inf),
