@@ -46,19 +46,27 @@ def import_peer(module: str):
 
 
 def peer_result(name: str, baseline: Callable[[], object], peer: Callable[[], object] | None, ours_ratio: float,
-                repeats: int) -> dict:
+                repeats: int, ours: Callable[[], object] | None = None) -> dict:
     """Time a peer's step against the same baseline, interleaved; the entry of ``extra["peers"]``.
 
     ``ratio`` is peer / baseline (medians), ``ours_vs_peer`` our ratio over the peer's (< 1: we are faster).
+    With ``ours`` (our step function) our step is also timed against the peer's directly, interleaved in one
+    loop: ``direct`` is ours / peer (medians) with ``direct_min``/``direct_max`` over the pairs. It does not
+    carry the drift between two separate loops that the quotient of two ratios does.
     ``peer=None`` records the peer as not installed.
     """
     if peer is None:
         return {"name": name, "status": "not installed"}
     r = compare_steps(baseline, peer, repeats=repeats)
     _measured.pop()  # the peer's timing is not the benchmark's own spread
-    return {"name": name, "status": "ok", "ratio": r.ratio, "ms": r.candidate_s * 1e3,
-            "ours_vs_peer": ours_ratio / r.ratio if r.ratio > 0 else float("inf"),
-            "ratio_min": r.extra["ratio_min"], "ratio_max": r.extra["ratio_max"]}
+    out = {"name": name, "status": "ok", "ratio": r.ratio, "ms": r.candidate_s * 1e3,
+           "ours_vs_peer": ours_ratio / r.ratio if r.ratio > 0 else float("inf"),
+           "ratio_min": r.extra["ratio_min"], "ratio_max": r.extra["ratio_max"]}
+    if ours is not None:
+        d = compare_steps(peer, ours, repeats=repeats)
+        _measured.pop()
+        out.update({"direct": d.ratio, "direct_min": d.extra["ratio_min"], "direct_max": d.extra["ratio_max"]})
+    return out
 
 
 def set_clock(name: str) -> str:

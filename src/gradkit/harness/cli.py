@@ -488,9 +488,11 @@ def cmd_bench(args) -> int:
                 if peer["status"] != "ok":
                     print(f"    peer {peer['name']}: {peer['status']} (pip install 'gradkit[peers]')", flush=True)
                 else:
+                    direct = (f"; timed against each other: {peer['direct']:.3f} [{peer['direct_min']:.3f}-"
+                              f"{peer['direct_max']:.3f}]" if "direct" in peer else "")
                     print(f"    peer {peer['name']}: {peer['ratio']:.3f}x [{peer['ratio_min']:.3f}-"
                           f"{peer['ratio_max']:.3f}] ({peer['ms']:.3f} ms); ours / peer = "
-                          f"{peer['ours_vs_peer']:.3f}", flush=True)
+                          f"{peer['ours_vs_peer']:.3f}{direct}", flush=True)
             shown = {k: v for k, v in r.extra.items() if k != "peers"}
             if shown:  # e.g. saved-bytes ratios and the settings measured
                 print("    " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"

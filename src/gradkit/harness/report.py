@@ -501,7 +501,8 @@ def write_report(store: ResultStore, out_dir: Path, scales: Sequence[str] | None
                          "in one process: the ratio of the medians, then [min-max] of the per-repetition ratios and "
                          "the number of timed pairs; the clock and thread count are listed with each. 'vs best "
                          "peer' is our ratio over the fastest public implementation's ratio to the same baseline, "
-                         "timed in the same run (`gradkit bench --peers`; below 1: ours is faster)."))
+                         "timed in the same run (`gradkit bench --peers`; below 1: ours is faster), and, where "
+                         "given, our step timed head to head against the peer's in one interleaved loop."))
         brows = []
         for b in benches:
             tgt = f"<= {b.target:.2f}x" if b.target is not None else "-"
@@ -511,6 +512,8 @@ def write_report(store: ResultStore, out_dir: Path, scales: Sequence[str] | None
             if timed:
                 best = min(timed, key=lambda p: p["ratio"])
                 vs_peer = f"{best['ours_vs_peer']:.3f} ({best['name']}: {best['ratio']:.3f}x)"
+                if "direct" in best:
+                    vs_peer += f"; head to head {best['direct']:.3f} [{best['direct_min']:.3f}-{best['direct_max']:.3f}]"
             elif b.extra.get("peers"):
                 vs_peer = ", ".join(f"{p['name']}: {p['status']}" for p in b.extra["peers"])
             else:
