@@ -35,8 +35,10 @@ def _runner(method: str):
                     for i in range(BATCH)]
             return [torch.stack(g) for g in zip(*rows)]
 
-        res = compare_steps(baseline, lambda: per_example_grads(model, F.cross_entropy, x, y, method=method),
-                            repeats=repeats)
+        def ours_step() -> list[torch.Tensor]:
+            return per_example_grads(model, F.cross_entropy, x, y, method=method)
+
+        res = compare_steps(baseline, ours_step, repeats=repeats)
         extra = {"batch": BATCH, "method": method}
         if peers_enabled():
             opacus = import_peer("opacus")
@@ -53,7 +55,7 @@ def _runner(method: str):
                         F.cross_entropy(gsm(x), y, reduction="sum").backward()
                     return [p.grad_sample for p in gsm.parameters()]
                 peer = opacus_step
-            extra["peers"] = [peer_result("opacus", baseline, peer, res.ratio, repeats)]
+            extra["peers"] = [peer_result("opacus", baseline, peer, res.ratio, repeats, ours=ours_step)]
         return BenchResult(res.baseline_s, res.candidate_s, extra=extra)
 
     return run

@@ -81,7 +81,8 @@ def _runner(kind: str, depth: int):
         # the input requires grad, as the output of a stem would (revlib needs it)
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(1)).requires_grad_()
         base = _step(plain, x)
-        res = compare_steps(base, _step(ours, x), repeats=repeats)
+        ours_step = _step(ours, x)
+        res = compare_steps(base, ours_step, repeats=repeats)
         extra = {"depth": depth, "batch": batch, "input": list(shape[1:]),
                  "saved_ratio": forward_saved_bytes(ours, x) / forward_saved_bytes(plain, x),
                  "retained_ratio": _retained(ours, x) / _retained(plain, x), "retained_kb": _retained(ours, x) / 1024}
@@ -91,7 +92,7 @@ def _runner(kind: str, depth: int):
             if revlib is not None:
                 mods = [m for f, g in zip(copy.deepcopy(fs), copy.deepcopy(gs)) for m in (f, g)]
                 peer = _step(revlib.ReversibleSequential(*mods, split_dim=1), x)
-            extra["peers"] = [peer_result("revlib", base, peer, res.ratio, repeats)]
+            extra["peers"] = [peer_result("revlib", base, peer, res.ratio, repeats, ours=ours_step)]
         return BenchResult(res.baseline_s, res.candidate_s, extra=extra)
 
     return run

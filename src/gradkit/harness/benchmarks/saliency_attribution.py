@@ -34,7 +34,10 @@ def run(repeats: int) -> BenchResult:
         return g.abs()
 
     ours = Saliency(model)
-    res = compare_steps(baseline, lambda: ours.attribute(x, target=y), repeats=repeats)
+    def ours_step() -> torch.Tensor:
+        return ours.attribute(x, target=y)
+
+    res = compare_steps(baseline, ours_step, repeats=repeats)
     extra = {"batch": BATCH, "input": [3, 32, 32]}
     if peers_enabled():
         captum_attr = import_peer("captum.attr")
@@ -47,7 +50,7 @@ def run(repeats: int) -> BenchResult:
                     warnings.simplefilter("ignore")
                     return theirs.attribute(x, target=y)
             peer = captum_step
-        extra["peers"] = [peer_result("captum", baseline, peer, res.ratio, repeats)]
+        extra["peers"] = [peer_result("captum", baseline, peer, res.ratio, repeats, ours=ours_step)]
     return BenchResult(res.baseline_s, res.candidate_s, extra=extra)
 
 

@@ -48,7 +48,8 @@ def _runner(shape: str):
         x = torch.randn(BATCH, channels, size, size, generator=gen)
         y = torch.randint(0, 10, (BATCH,), generator=gen)
         base = _make_step(plain, x, y)
-        res = compare_steps(base, _make_step(model, x, y), repeats=repeats)
+        ours_step = _make_step(model, x, y)
+        res = compare_steps(base, ours_step, repeats=repeats)
         extra = {"batch": BATCH, "input": [channels, size, size], "lambda": 0.1}
         if peers_enabled():
             tt = import_peer("torch_tract")
@@ -59,7 +60,7 @@ def _runner(shape: str):
                 first.load_state_dict(plain[0].state_dict())
                 theirs[0] = first
                 peer = _make_step(theirs, x, y)
-            extra["peers"] = [peer_result("torch_tract", base, peer, res.ratio, repeats)]
+            extra["peers"] = [peer_result("torch_tract", base, peer, res.ratio, repeats, ours=ours_step)]
         return BenchResult(res.baseline_s, res.candidate_s, extra=extra)
 
     return run
