@@ -191,6 +191,35 @@ def test_store_errors(tmp_path):
         ResultStore(bad)
 
 
+def _open_and_write(path, go, seed, errors):
+    go.wait()
+    try:
+        ResultStore(path).add_run(RunRecord(slug="x", claim_version=1, scale="smoke", seed=seed, data_mode="bundled",
+                                            data="d", metrics={"a": {"m": 1.0}}))
+    except Exception as e:  # reported to the test, which names it
+        errors.put(repr(e))
+
+
+def test_store_opened_by_many_processes_at_once(tmp_path):
+    """Processes that create the same new database at the same moment all open it and write (switching to WAL
+    and creating the schema can report 'locked' without waiting on the busy timeout; the store retries)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")  # forked children start within microseconds of the signal
+    for trial in range(10):
+        db = tmp_path / f"r{trial}.db"
+        go, errors = ctx.Event(), ctx.Queue()
+        procs = [ctx.Process(target=_open_and_write, args=(db, go, i, errors)) for i in range(8)]
+        for p in procs:
+            p.start()
+        go.set()
+        for p in procs:
+            p.join(timeout=120)
+        got = [errors.get() for _ in range(errors.qsize())] if not errors.empty() else []
+        assert not got, got
+        assert sorted(r.seed for r in ResultStore(db).runs()) == list(range(8))
+
+
 def test_testing_oracles():
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))

@@ -206,17 +206,40 @@ class ResultStore:
             raise StoreError(f"results database {self.path} is not writable")
         if not os.access(self.path.parent, os.W_OK):
             raise StoreError(f"cannot write the results database {self.path}: folder is not writable")
-        try:
-            with self._connect() as con:
-                con.execute("PRAGMA journal_mode=WAL")
-                con.executescript(_SCHEMA)
+        deadline = time.monotonic() + self.timeout
+        pause = 0.01
+        while True:
+            try:
+                self._init_schema()
+                return
+            except sqlite3.OperationalError as e:
+                # two processes opening a new database at once: switching to WAL and creating the schema can
+                # report "locked" without waiting on the busy timeout, so retry until the timeout runs out
+                if "locked" not in str(e) and "busy" not in str(e) or time.monotonic() > deadline:
+                    raise StoreError(f"results database {self.path} cannot be used: {e}") from None
+                time.sleep(pause)
+                pause = min(2 * pause, 0.5)
+            except sqlite3.DatabaseError as e:
+                raise StoreError(f"results database {self.path} cannot be used: {e}") from None
+
+    def _init_schema(self) -> None:
+        with self._connect() as con:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("BEGIN IMMEDIATE")  # one writer creates or upgrades the schema at a time
+            try:
+                for stmt in _SCHEMA.split(";"):
+                    if stmt.strip():
+                        con.execute(stmt)
                 cols = {row[1] for row in con.execute("PRAGMA table_info(runs)")}
                 for col in ("overrides", "verdict"):  # databases written before schema 2
                     if col not in cols:
                         con.execute(f"ALTER TABLE runs ADD COLUMN {col} TEXT NOT NULL DEFAULT ''")
                 con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-        except sqlite3.DatabaseError as e:
-            raise StoreError(f"results database {self.path} cannot be used: {e}") from None
+                con.execute("COMMIT")
+            except BaseException:
+                if con.in_transaction:
+                    con.execute("ROLLBACK")
+                raise
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
