@@ -312,3 +312,34 @@ def test_retained_bytes_flat_in_depth():
     assert abs(r8 - r2) <= 1024  # flat (allocator rounding aside)
     p2, p8 = retained(stack(2, False)), retained(stack(8, False))
     assert p8 - p2 > 6 * 16 * 32 * 4  # the twin keeps every block's activations
+
+
+def test_parameter_and_buffer_collection_matches_module_traversal():
+    """The single-traversal collection equals nn.Module.parameters()/buffers() (order, shared and None entries)."""
+    from gradkit.functional.reversible import ReversibleStep, _buffers_of, _params_and_buffers, collect_params
+
+    shared = nn.Linear(3, 3)
+    a = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), shared, shared)
+    b = nn.Sequential(shared, nn.BatchNorm1d(3))
+    b[1].register_buffer("empty", None)
+    lp, bufs = _params_and_buffers([a, b])
+    assert [[id(p) for p in ps] for ps in lp] == [[id(p) for p in m.parameters()] for m in (a, b)]
+    assert [id(t) for t in bufs] == [id(t) for t in _buffers_of([a, b])]
+
+    class Level(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, lower, upper):
+            return self.m(lower)
+
+    alpha = torch.tensor(0.5, requires_grad=True)
+    st = ReversibleStep([Level(a), Level(b)], [1.0, alpha])
+    ref, seen = [], set()
+    for f in st.fns:
+        for p in f.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                ref.append(p)
+    assert [id(p) for p in collect_params([st])] == [id(p) for p in ref + [alpha]]
