@@ -415,6 +415,10 @@ def test_claim_memory_and_fidelity(smoke_run):
     assert out.metrics["mesa"]["grad_cos_min"] >= 0.99
     assert out.metrics["mesa_b4"]["grad_relerr"] > out.metrics["mesa_b8"]["grad_relerr"]
     assert out.info["saved_bytes"]["mesa"] < out.info["saved_bytes"]["fp32"]
+    # the deterministic-rounding arm trains too and is reported (not judged)
+    nearest = out.metrics["mesa_nearest"]
+    assert 0.0 <= nearest["test_acc"] <= 100.0 and nearest["time_ratio"] > 0
+    assert nearest["test_acc"] != out.metrics["mesa"]["test_acc"] or nearest["train_loss"] != out.metrics["mesa"]["train_loss"]
     ok, checks = CLAIM.criterion_for(out.data).evaluate([out.metrics])
     assert len(checks) == 6
 
