@@ -123,9 +123,10 @@ def test_grads_equal_plain_twin_float64(dropout, bn):
         assert torch.allclose(a, b, rtol=0, atol=1e-15), n
 
 
-def test_rng_state_after_backward_matches_plain():
+@pytest.mark.parametrize("dropout", [0.5, 0.0])  # levels that draw (states replayed) and levels that do not
+def test_rng_state_after_backward_matches_plain(dropout):
     torch.manual_seed(0)
-    seq = make_seq(3, dropout=0.5)
+    seq = make_seq(3, dropout=dropout)
     twin = twin_of(seq)
     x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
     torch.manual_seed(7)

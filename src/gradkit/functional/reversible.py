@@ -257,6 +257,9 @@ def run_steps(steps: Sequence[ReversibleStep], x: Tensor | None, states: Sequenc
     about 5 KB per level not kept).
     """
     cur = list(states)
+    devices = rng_devices or []
+    # the state after one level is the state before the next (nothing in between draws): one capture per level
+    state = _capture_rng(devices) if rng_log is not None else None
     for s, step in enumerate(steps):
         new: list[Tensor] = []
         n = len(step.fns)
@@ -265,10 +268,11 @@ def run_steps(steps: Sequence[ReversibleStep], x: Tensor | None, states: Sequenc
         for k, fn in enumerate(step.fns):
             lower = x if k == 0 else new[k - 1]
             upper = None if (step.first or k == n - 1) else cur[k + 1]
-            before = _capture_rng(rng_devices or []) if rng_log is not None else None
             out = _call_level(fn, lower, upper, f"step {s}, level {k}")
             if rng_log is not None:  # keep the state only where the level drew random numbers
-                rng_log.append(None if _same_rng(before, _capture_rng(rng_devices or [])) else before)
+                after = _capture_rng(devices)
+                rng_log.append(None if _same_rng(state, after) else state)
+                state = after
             if step.first:
                 new.append(out)
             else:
@@ -366,8 +370,9 @@ class MultiLevelReversibleFunction(torch.autograd.Function):
             offsets.append(off)
             off += len(st.fns)
 
-        rng_ctx = (torch.random.fork_rng(devices=ctx.devices) if ctx.rng_log is not None
-                   else contextlib.nullcontext())
+        # replaying a level's RNG state must not move the caller's stream; with nothing to replay, nothing moves
+        replay = ctx.rng_log is not None and any(e is not None for e in ctx.rng_log)
+        rng_ctx = torch.random.fork_rng(devices=ctx.devices) if replay else contextlib.nullcontext()
         with rng_ctx:
             for s in reversed(range(len(steps))):
                 step = steps[s]
