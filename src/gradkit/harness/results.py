@@ -215,7 +215,8 @@ class ResultStore:
             except sqlite3.OperationalError as e:
                 # two processes opening a new database at once: switching to WAL and creating the schema can
                 # report "locked" without waiting on the busy timeout, so retry until the timeout runs out
-                if "locked" not in str(e) and "busy" not in str(e) or time.monotonic() > deadline:
+                contended = "locked" in str(e) or "busy" in str(e)
+                if not contended or time.monotonic() > deadline:
                     raise StoreError(f"results database {self.path} cannot be used: {e}") from None
                 time.sleep(pause)
                 pause = min(2 * pause, 0.5)

@@ -279,7 +279,7 @@ SMALL_CRITERION = AllOf(
 
 CLAIM = register(Claim(
     slug=SLUG,
-    version=2,  # 2: every arm's learning rate chosen from the same three-value grid on a validation split
+    version=2,  # 2: every arm's learning rate chosen on a validation split from its regime's grid
     title="Evolving Normalization-Activation Layers",
     arxiv="2004.02967",
     statement="At batch 2, EvoNorm-S0 beats BN-ReLU by >= 1 point of test accuracy and is within 1 point of "
