@@ -263,8 +263,11 @@ def test_dcdm_anorm_error_non_increasing_for_random_network():
 
     dcdm(A, B, net, k=2, tol=1e-6, maxiter=150, grid=(N, N), callback=anorm)
     E = torch.stack(errs)
-    assert len(errs) == 150 and bool((E[-1] < 0.9 * E[0]).all())
-    assert bool((E[1:] <= E[:-1] * (1 + 1e-10) + 1e-14).all())   # an untrained net may stall, never climb
+    # an untrained net's directions may stall on a column (which one, and where, depends on the CPU's last
+    # bits), but each step minimises the A-norm error along its direction: it never climbs, and in all the
+    # error drops
+    assert len(errs) == 150 and bool(E[-1].sum() < 0.9 * E[0].sum())
+    assert bool((E[1:] <= E[:-1] * (1 + 1e-10) + 1e-14).all())
 
 
 def test_dcdm_scale_of_network_does_not_matter():
