@@ -33,6 +33,7 @@ from typing import Any, Hashable, Iterable, Sequence
 
 import torch
 
+from .. import _native
 from .._validate import ArgumentError, is_int, nonneg_int, positive_int, real_scalar
 
 __all__ = ["SparseGrad", "DGCCompressor", "warmup_density", "select_topk", "encode_block16", "decode_block16",
@@ -164,7 +165,8 @@ def _exact_topk(a: torch.Tensor, k: int) -> torch.Tensor:
 BLOCK_ROWS = 64  # row length of the blockwise exact top-k
 
 
-def _blockwise_topk(a: torch.Tensor, k: int, c: int = BLOCK_ROWS, sync_free: bool | None = None) -> torch.Tensor:
+def _blockwise_topk(a: torch.Tensor, k: int, c: int = BLOCK_ROWS, sync_free: bool | None = None,
+                    rmax: torch.Tensor | None = None) -> torch.Tensor:
     """Exact top-k of a flat non-negative ``a`` through row maxima (needs k <= numel // c).
 
     Split ``a`` into rows of ``c`` (the tail is a short last row); take the k rows with the largest row
@@ -177,13 +179,18 @@ def _blockwise_topk(a: torch.Tensor, k: int, c: int = BLOCK_ROWS, sync_free: boo
     top-k of all ``k * c`` candidate entries (a padded tail row scores -1): fixed shapes, so no
     device-to-host sync; the same top-k values, ties possibly broken differently. On CPU the filter is
     faster and stays the default.
+
+    ``rmax``: the row maxima when already known (then ``a`` may be signed: its candidates are ranked by
+    ``|a|``; :func:`gradkit._native` computes them in the pass that updates ``a``).
     """
     n = a.numel()
     rows = n // c
     main = rows * c
-    rmax = a[:main].view(rows, c).amax(1)
-    if main < n:
-        rmax = torch.cat([rmax, a[main:].amax().view(1)])
+    signed = rmax is not None
+    if rmax is None:
+        rmax = a[:main].view(rows, c).amax(1)
+        if main < n:
+            rmax = torch.cat([rmax, a[main:].amax().view(1)])
     top = torch.topk(rmax, k, sorted=False)
     thr = top.values.min()
     cand = (top.indices.unsqueeze(1) * c + torch.arange(c, device=a.device)).reshape(-1)
@@ -193,13 +200,14 @@ def _blockwise_topk(a: torch.Tensor, k: int, c: int = BLOCK_ROWS, sync_free: boo
         if main < n:  # the tail row is short: its missing entries score -1 (every |x| >= 0)
             valid = cand < n
             cand = torch.where(valid, cand, n - 1)
-            ac = torch.where(valid, a[cand], torch.full((), -1.0, dtype=a.dtype, device=a.device))
+            ac = torch.where(valid, a[cand].abs() if signed else a[cand],
+                             torch.full((), -1.0, dtype=a.dtype, device=a.device))
         else:
-            ac = a[cand]
+            ac = a[cand].abs() if signed else a[cand]
         return cand[torch.topk(ac, k, sorted=False).indices]
     if main < n:
         cand = cand[cand < n]
-    ac = a[cand]
+    ac = a[cand].abs() if signed else a[cand]
     keep = torch.nonzero(ac >= thr).view(-1)
     cand, ac = cand[keep], ac[keep]
     if cand.numel() > k:
@@ -453,6 +461,7 @@ class DGCCompressor:
         m = self.momentum
         vs = []
         us = []
+        idx = None
         for key, g in zip(keys, grads):
             u = self.u.get(key)
             if u is None:
@@ -460,7 +469,10 @@ class DGCCompressor:
             v = self.v.get(key)
             if v is None:
                 v = self.v[key] = torch.zeros_like(g)
-            if self.nesterov:
+            rmax = self._native_update(g, u, v) if len(grads) == 1 else None
+            if rmax is not None:  # the fused pass below, and the exact top-k from its row maxima
+                idx = _blockwise_topk(v.reshape(-1), self.k_for(v.numel()), rmax=rmax)
+            elif self.nesterov:
                 u.add_(g).mul_(m)
                 v.add_(u).add_(g)
             elif m == 0.0:
@@ -474,7 +486,8 @@ class DGCCompressor:
         flat = vs[0].reshape(-1) if len(vs) == 1 else torch.cat([v.reshape(-1) for v in vs])
         n = flat.numel()
         k = self.k_for(n)
-        idx = select_topk(flat, k, self.sample_ratio, self.generator, self._work_for(flat))
+        if idx is None:
+            idx = select_topk(flat, k, self.sample_ratio, self.generator, self._work_for(flat))
         if self.index_coding == "block16":
             idx = torch.sort(idx).values
         values = flat[idx]  # a copy
@@ -500,6 +513,25 @@ class DGCCompressor:
             sg = SparseGrad(values, idx.to(torch.int64 if big else torch.int32), n, shape)
         self._count(n * flat.element_size(), sg.nbytes, sparse=True)
         return sg
+
+    def _native_fits(self, g: torch.Tensor) -> bool:
+        """Whether one tensor's update and exact selection can take the fused CPU kernel (float32, contiguous,
+        large and sparse enough for the blockwise top-k, one thread: the kernel does not split the work)."""
+        n = g.numel()
+        return (self.sample_ratio is None and g.dtype == torch.float32 and n >= 1 << 15
+                and 4 * self.k_for(n) * BLOCK_ROWS <= n and torch.get_num_threads() == 1)
+
+    def _native_update(self, g: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+        """u, v updated as in the PyTorch path of :meth:`compress_group` by one fused pass, which returns the
+        row maxima of |v| (rows of ``BLOCK_ROWS``); None, and nothing done, where the kernel does not apply."""
+        if not self._native_fits(g) or not _native.usable(g, u, v):
+            return None
+        n = g.numel()
+        rmax = torch.empty(-(-n // BLOCK_ROWS), dtype=torch.float32)
+        mode = 2 if self.nesterov else 1 if self.momentum == 0.0 else 0
+        _native.native().gk_dgc_update(g.data_ptr(), u.data_ptr(), v.data_ptr(), n, self.momentum, mode, BLOCK_ROWS,
+                                       rmax.data_ptr())
+        return rmax
 
     def send_dense(self, grad: torch.Tensor, key: Hashable = None, *, check_finite: bool = True) -> torch.Tensor:
         """A tensor sent densely (``dim() < min_dim``): counts its bytes and returns it unchanged.

@@ -24,24 +24,32 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import _native
 from .._validate import integer, optional_generator, positive_int, real_scalar
 
 EPS = 1e-8
 
 
 # ------------------------------------------------------------------------------------------ math helpers
-def _grouped(x: torch.Tensor, groups: int, group_dim: int) -> tuple[torch.Tensor, int]:
-    """View ``x`` as ``shape[:d] + (groups, size // groups) + shape[d+1:]``; return it and the group axis."""
-    if x.dim() == 0:
+def _layout(shape: Sequence[int], groups: int, group_dim: int) -> tuple[int, int, int]:
+    """Check ``groups`` against ``shape`` and return (d, A, R): the group axis, the size of the dims before it
+    and the size of one group's contiguous rest (a contiguous tensor is then A x groups x R)."""
+    if len(shape) == 0:
         raise ValueError("cannot quantise a 0-dim tensor by groups; give a tensor with >= 1 dim")
-    d = group_dim % x.dim() if -x.dim() <= group_dim < x.dim() else None
+    d = group_dim % len(shape) if -len(shape) <= group_dim < len(shape) else None
     if d is None:
-        raise ValueError(f"group_dim={group_dim} is out of range for a tensor of shape {tuple(x.shape)}")
-    size = x.shape[d]
+        raise ValueError(f"group_dim={group_dim} is out of range for a tensor of shape {tuple(shape)}")
+    size = shape[d]
     if size % groups != 0:
         raise ValueError(f"groups={groups} must divide the size {size} of dim {group_dim} "
-                         f"(tensor of shape {tuple(x.shape)})")
-    return x.reshape(*x.shape[:d], groups, size // groups, *x.shape[d + 1:]), d
+                         f"(tensor of shape {tuple(shape)})")
+    return d, math.prod(shape[:d]), size // groups * math.prod(shape[d + 1:])
+
+
+def _grouped(x: torch.Tensor, groups: int, group_dim: int) -> tuple[torch.Tensor, int]:
+    """View ``x`` as ``shape[:d] + (groups, size // groups) + shape[d+1:]``; return it and the group axis."""
+    d, _, _ = _layout(x.shape, groups, group_dim)
+    return x.reshape(*x.shape[:d], groups, x.shape[d] // groups, *x.shape[d + 1:]), d
 
 
 def _bcast(v: torch.Tensor, xg: torch.Tensor, d: int) -> torch.Tensor:
@@ -49,9 +57,30 @@ def _bcast(v: torch.Tensor, xg: torch.Tensor, d: int) -> torch.Tensor:
     return v.reshape((1,) * d + (v.numel(),) + (1,) * (xg.dim() - d - 1))
 
 
+def _native_ok(x: torch.Tensor, dtype: torch.dtype, *per_group: torch.Tensor, groups: int) -> bool:
+    """Whether the native kernels (:mod:`gradkit._native`) take this call: ``x`` of ``dtype`` on the CPU and
+    not empty, each per-group tensor float32 on the CPU with ``groups`` entries, and the kernels available.
+    Callers pass contiguous copies where needed: one copy is cheaper than the PyTorch path's passes."""
+    return (x.dtype == dtype and x.device.type == "cpu" and x.numel() > 0
+            and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.numel() == groups for t in per_group)
+            and _native.native() is not None)
+
+
+def _native_seed(generator: torch.Generator | None) -> int:
+    """One 64-bit key for the native kernels' counter-based uniform draws, taken from ``generator`` (or the
+    global RNG): a seeded generator still fixes the codes."""
+    return int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+
+
 def group_range(x: torch.Tensor, groups: int = 1, group_dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group (max - min, min) of ``x``, each of shape (groups,)."""
     xg, d = _grouped(x.detach(), groups, group_dim)
+    if _native_ok(xg, torch.float32, groups=groups):  # one pass for both extremes (the reductions' values)
+        _, a, r = _layout(x.shape, groups, group_dim)
+        xc = xg.contiguous()
+        lo, hi = torch.empty(groups, dtype=torch.float32), torch.empty(groups, dtype=torch.float32)
+        _native.native().gk_group_minmax(xc.data_ptr(), a, groups, r, lo.data_ptr(), hi.data_ptr())
+        return hi - lo, lo
     # (A, G, R): leading dims, groups, the rest; reduce the larger contiguous side first (fast on CPU)
     x3 = xg.reshape(math.prod(xg.shape[:d]), groups, -1)
     # separate amin/amax: on CPU torch.aminmax over a dim is about 10x slower than the two reductions
@@ -74,11 +103,25 @@ def quantize(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, *, bits: 
 
     q = clamp(floor((x - beta) * s + u), 0, L-1), s = (L-1)/max(|alpha|, eps), u ~ U(0,1) (or u = 1/2
     when ``stochastic=False``: round to nearest). Stored as uint8 (bits <= 8) or int16 minus 2**15.
+
+    On the CPU with float32 input and bits <= 8, one native pass computes the codes: its uniform draws come
+    from a counter-based hash keyed by one 64-bit number taken from ``generator`` (so a seeded generator
+    still fixes the codes, though not the same codes as the PyTorch path), and it rounds halves up where the
+    PyTorch path rounds them to even. ``GRADKIT_NATIVE=0`` selects the PyTorch path.
     """
     bits = integer("bits", bits, low=1, high=16)
     levels = 2 ** bits - 1
     cdt = torch.promote_types(x.dtype, torch.float32)
     xg, d = _grouped(x.detach().to(cdt), groups, group_dim)
+    if (bits <= 8 and _native_ok(xg, torch.float32, alpha, beta, groups=groups)
+            and (generator is None or generator.device.type == "cpu")):
+        _, a, r = _layout(x.shape, groups, group_dim)
+        xc, ac, bc = xg.contiguous(), alpha.detach().contiguous(), beta.detach().contiguous()
+        codes = torch.empty(x.shape, dtype=torch.uint8)
+        _native.native().gk_quantize_u8(xc.data_ptr(), codes.data_ptr(), a, groups, r, ac.data_ptr(), bc.data_ptr(),
+                                        float(levels), EPS, _native_seed(generator) if stochastic else 0,
+                                        int(stochastic))
+        return codes
     s = _bcast(levels / alpha.detach().to(cdt).abs().clamp_min(EPS), xg, d)
     b = _bcast(beta.detach().to(cdt), xg, d)
     if stochastic:  # floor((x - beta) * s + u)
@@ -100,6 +143,13 @@ def dequantize(codes: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, *, 
     levels = 2 ** bits - 1
     cdt = torch.promote_types(dtype, torch.float32)
     _, offset = _code_dtype(bits)
+    if cdt == torch.float32 and _native_ok(codes, torch.uint8, alpha, beta, groups=groups):
+        _, a, r = _layout(codes.shape, groups, group_dim)
+        qc, ac, bc = codes.contiguous(), alpha.detach().contiguous(), beta.detach().contiguous()
+        out = torch.empty(codes.shape, dtype=torch.float32)
+        _native.native().gk_dequantize_u8(qc.data_ptr(), out.data_ptr(), a, groups, r, ac.data_ptr(), bc.data_ptr(),
+                                          float(levels), EPS)
+        return out.to(dtype)
     qg, d = _grouped(codes.to(cdt) + offset if offset else codes.to(cdt), groups, group_dim)
     scale = _bcast(alpha.to(cdt).abs().clamp_min(EPS) / levels, qg, d)
     out = qg * scale + _bcast(beta.to(cdt), qg, d)
@@ -159,7 +209,11 @@ class ActQuantizer(nn.Module):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got {type(x).__name__}"
                             + (f" of dtype {x.dtype}" if isinstance(x, torch.Tensor) else ""))
-        if self.training if update is None else update:
+        update = self.training if update is None else bool(update)
+        if self._native_pack_ok(x):
+            self.last_dtype = x.dtype
+            return self._native_pack(x, update)
+        if update:
             self.update(x)
         elif not bool(self.initialized):
             self.update(x)  # never calibrated: use this tensor's own range
@@ -167,6 +221,26 @@ class ActQuantizer(nn.Module):
         alpha, beta = self.alpha.detach().clone(), self.beta.detach().clone()
         codes = quantize(x, alpha, beta, bits=self.bits, groups=self.groups, group_dim=self.group_dim,
                          stochastic=self.stochastic, generator=self.generator)
+        return codes, alpha, beta
+
+    def _native_pack_ok(self, x: torch.Tensor) -> bool:
+        return (self.bits <= 8 and self.initialized.device.type == "cpu"
+                and (self.generator is None or self.generator.device.type == "cpu")
+                and self.alpha.is_contiguous() and self.beta.is_contiguous()
+                and _native_ok(x, torch.float32, self.alpha, self.beta, groups=self.groups))
+
+    def _native_pack(self, x: torch.Tensor, update: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`pack` in one native call: range, EMA step, snapshot and codes (see :func:`quantize` for how
+        its draws and halves differ from the PyTorch path)."""
+        _, a, r = _layout(x.shape, self.groups, self.group_dim)
+        xc = x.detach().contiguous()
+        codes = torch.empty(x.shape, dtype=torch.uint8)
+        alpha, beta = torch.empty(self.groups, dtype=torch.float32), torch.empty(self.groups, dtype=torch.float32)
+        _native.native().gk_pack_u8(
+            xc.data_ptr(), codes.data_ptr(), a, self.groups, r, self.alpha.data_ptr(), self.beta.data_ptr(),
+            self.initialized.data_ptr(), int(update), self.ema_decay, alpha.data_ptr(), beta.data_ptr(),
+            float(2 ** self.bits - 1), EPS, _native_seed(self.generator) if self.stochastic else 0,
+            int(self.stochastic))
         return codes, alpha, beta
 
     def unpack(self, codes: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,

@@ -1,0 +1,263 @@
+/* gradkit's optional CPU kernels: single passes over float32 buffers that PyTorch's eager ops make in several.
+ * Built on first use by gradkit/_native.py (a C compiler, no PyTorch headers) and called through ctypes.
+ * Every kernel has a PyTorch equivalent in the module that calls it; the tests compare the two.
+ */
+#include <stdint.h>
+#include <math.h>
+#include <string.h>
+
+/* DGC momentum correction and accumulation, fused with the row maxima of the blockwise top-k:
+ *   mode 0: u <- g + m u; v <- v + u           (momentum correction)
+ *   mode 1: u <- g;       v <- v + g           (m = 0)
+ *   mode 2: u <- m (u + g); v <- v + u + g     (Nesterov)
+ * and rowmax[r] = max |v[r c : (r + 1) c]| over rows of c entries (the last row holds the n % c tail).
+ * Work goes in chunks of whole rows that stay in the L1 cache: the update streams through a chunk, then
+ * the maxima read it back from cache. */
+#define GK_CHUNK 4096
+
+static void gk_dgc_chunk(const float *restrict g, float *restrict u, float *restrict v, int64_t len, float m,
+                         int mode) {
+    if (mode == 0) {
+        for (int64_t i = 0; i < len; ++i) {
+            float ui = g[i] + m * u[i];
+            u[i] = ui;
+            v[i] = v[i] + ui;
+        }
+    } else if (mode == 1) {
+        for (int64_t i = 0; i < len; ++i) {
+            u[i] = g[i];
+            v[i] = v[i] + g[i];
+        }
+    } else {
+        for (int64_t i = 0; i < len; ++i) {
+            float ui = m * (u[i] + g[i]);
+            u[i] = ui;
+            v[i] = (v[i] + ui) + g[i];
+        }
+    }
+}
+
+/* max |x[0:len]| for finite x: the largest of the sign-cleared bit patterns, which order as the magnitudes
+ * do (an integer maximum, which the compiler vectorises; a float one it would keep scalar) */
+static float gk_absmax(const float *restrict x, int64_t len) {
+    uint32_t mx = 0;
+    for (int64_t i = 0; i < len; ++i) {
+        uint32_t bits;
+        memcpy(&bits, x + i, sizeof bits);
+        bits &= 0x7fffffffu;
+        mx = bits > mx ? bits : mx;
+    }
+    float out;
+    memcpy(&out, &mx, sizeof out);
+    return out;
+}
+
+void gk_dgc_update(const float *g, float *u, float *v, int64_t n, float m, int mode, int64_t c, float *rowmax) {
+    int64_t chunk = GK_CHUNK / c > 0 ? GK_CHUNK / c * c : c;
+    for (int64_t a = 0; a < n; a += chunk) {
+        int64_t len = a + chunk < n ? chunk : n - a;
+        gk_dgc_chunk(g + a, u + a, v + a, len, m, mode);
+        for (int64_t r = 0; r < len; r += c)
+            rowmax[(a + r) / c] = gk_absmax(v + a + r, r + c < len ? c : len - r);
+    }
+}
+
+/* Rows of at most GK_SPAN entries (A x G x R with G R <= GK_SPAN) are handled with per-entry group
+ * constants, so the inner loops run over whole rows however short each group's run R is. */
+#define GK_SPAN 4096
+
+/* An order-preserving map from a float's bits to int32 (an involution): integer minima and maxima
+ * vectorise where float ones, which must respect NaN, stay scalar. A NaN maps beyond +-inf. */
+static inline int32_t gk_key(float f) {
+    int32_t b;
+    memcpy(&b, &f, sizeof b);
+    return b ^ (int32_t)((uint32_t)(b >> 31) >> 1);
+}
+
+static inline float gk_unkey(int32_t k) {
+    int32_t b = k ^ (int32_t)((uint32_t)(k >> 31) >> 1);
+    float f;
+    memcpy(&f, &b, sizeof f);
+    return f;
+}
+
+/* Per-group minimum and maximum of x viewed as (A, G, R) (contiguous, A G R > 0): lo[G], hi[G]. */
+void gk_group_minmax(const float *x, int64_t A, int64_t G, int64_t R, float *lo, float *hi) {
+    int64_t w = G * R;
+    if (w <= GK_SPAN) {
+        int32_t l[GK_SPAN], h[GK_SPAN];
+        for (int64_t j = 0; j < w; ++j) {
+            l[j] = INT32_MAX;
+            h[j] = INT32_MIN;
+        }
+        for (int64_t a = 0; a < A; ++a) {
+            const float *p = x + a * w;
+            for (int64_t j = 0; j < w; ++j) {
+                int32_t k = gk_key(p[j]);
+                l[j] = k < l[j] ? k : l[j];
+                h[j] = k > h[j] ? k : h[j];
+            }
+        }
+        for (int64_t gi = 0; gi < G; ++gi) {
+            int32_t lk = INT32_MAX, hk = INT32_MIN;
+            for (int64_t i = gi * R; i < (gi + 1) * R; ++i) {
+                lk = l[i] < lk ? l[i] : lk;
+                hk = h[i] > hk ? h[i] : hk;
+            }
+            lo[gi] = gk_unkey(lk);
+            hi[gi] = gk_unkey(hk);
+        }
+        return;
+    }
+    for (int64_t gi = 0; gi < G; ++gi) {
+        int32_t lk = INT32_MAX, hk = INT32_MIN;
+        for (int64_t a = 0; a < A; ++a) {
+            const float *p = x + (a * G + gi) * R;
+            for (int64_t i = 0; i < R; ++i) {
+                int32_t k = gk_key(p[i]);
+                lk = k < lk ? k : lk;
+                hk = k > hk ? k : hk;
+            }
+        }
+        lo[gi] = gk_unkey(lk);
+        hi[gi] = gk_unkey(hk);
+    }
+}
+
+/* A counter-based uniform draw in [0, 1) with 24 random bits: a 32-bit integer hash (a bijection) of the
+ * element's index, offset by one half of the call's 64-bit key and masked by the other. Over keys each draw
+ * is uniform; no state is carried between elements, so the loops vectorise. */
+static inline uint32_t gk_hash32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7feb352dU;
+    x ^= x >> 15;
+    x *= 0x846ca68bU;
+    x ^= x >> 16;
+    return x;
+}
+
+static inline float gk_uniform(uint32_t i, uint32_t key_lo, uint32_t key_hi) {
+    return (float)((gk_hash32(i * 0x9e3779b9U + key_lo) ^ key_hi) >> 8) * (1.0f / 16777216.0f);
+}
+
+/* y = (x - b) s + u, clamped to [0, levels] and truncated (= floor there) to a code; NaN gives 0 */
+static inline uint8_t gk_code(float x, float s, float b, float u, float levels) {
+    float y = (x - b) * s + u;
+    y = y >= 0.0f ? y : 0.0f;
+    y = y <= levels ? y : levels;
+    return (uint8_t)(int32_t)y;
+}
+
+/* The step of group g: levels / max(|alpha_g|, eps) (scale, quantising) or its inverse written as
+ * max(|alpha_g|, eps) / levels (dequantising), each one correctly rounded division as in PyTorch. */
+static inline float gk_step(float alpha, float levels, float eps, int inverse) {
+    float a = fabsf(alpha);
+    a = a > eps ? a : eps;
+    return inverse ? a / levels : levels / a;
+}
+
+/* Per-entry copies of the group constants over one row of G R entries (ce: step, be: beta). */
+static void gk_row_consts(const float *alpha, const float *beta, int64_t G, int64_t R, float levels, float eps,
+                          int inverse, float *ce, float *be) {
+    for (int64_t gi = 0; gi < G; ++gi) {
+        float cg = gk_step(alpha[gi], levels, eps, inverse);
+        for (int64_t i = gi * R; i < (gi + 1) * R; ++i) {
+            ce[i] = cg;
+            be[i] = beta[gi];
+        }
+    }
+}
+
+/* Mesa's codes of x viewed as (A, G, R): q = clamp(floor((x - beta_g) s_g + u), 0, levels) with
+ * s_g = levels / max(|alpha_g|, eps) and u the draw above (stochastic) or 1/2 (round to nearest), stored as
+ * uint8 (levels <= 255). */
+void gk_quantize_u8(const float *x, uint8_t *q, int64_t A, int64_t G, int64_t R, const float *alpha,
+                    const float *beta, float levels, float eps, uint64_t seed, int stochastic) {
+    uint32_t klo = (uint32_t)seed, khi = (uint32_t)(seed >> 32);
+    int64_t w = G * R;
+    if (w <= GK_SPAN) {
+        float se[GK_SPAN], be[GK_SPAN];
+        gk_row_consts(alpha, beta, G, R, levels, eps, 0, se, be);
+        for (int64_t a = 0; a < A; ++a) {
+            const float *p = x + a * w;
+            uint8_t *o = q + a * w;
+            uint32_t base = (uint32_t)(a * w);
+            if (stochastic) {
+                for (int64_t j = 0; j < w; ++j)
+                    o[j] = gk_code(p[j], se[j], be[j], gk_uniform(base + (uint32_t)j, klo, khi), levels);
+            } else {
+                for (int64_t j = 0; j < w; ++j)
+                    o[j] = gk_code(p[j], se[j], be[j], 0.5f, levels);
+            }
+        }
+        return;
+    }
+    for (int64_t a = 0; a < A; ++a) {
+        for (int64_t gi = 0; gi < G; ++gi) {
+            int64_t off = (a * G + gi) * R;
+            const float *p = x + off;
+            uint8_t *o = q + off;
+            float sg = gk_step(alpha[gi], levels, eps, 0), bg = beta[gi];
+            if (stochastic) {
+                for (int64_t i = 0; i < R; ++i)
+                    o[i] = gk_code(p[i], sg, bg, gk_uniform((uint32_t)(off + i), klo, khi), levels);
+            } else {
+                for (int64_t i = 0; i < R; ++i)
+                    o[i] = gk_code(p[i], sg, bg, 0.5f, levels);
+            }
+        }
+    }
+}
+
+/* One training-time pack of Mesa's activation quantiser: when `update` or not yet `*init`, the per-group
+ * range (max - min, min) of x updates the running (alpha, beta) (copied on the first call, else
+ * alpha <- lam alpha + (1 - lam) range, likewise beta) and sets *init; then (alpha, beta) are copied to
+ * (alpha_out, beta_out), the snapshot the codes are made with (gk_quantize_u8). */
+void gk_pack_u8(const float *x, uint8_t *q, int64_t A, int64_t G, int64_t R, float *alpha, float *beta,
+                uint8_t *init, int update, float lam, float *alpha_out, float *beta_out, float levels, float eps,
+                uint64_t seed, int stochastic) {
+    if (update || !*init) {
+        gk_group_minmax(x, A, G, R, beta_out, alpha_out); /* scratch: lo, hi */
+        for (int64_t gi = 0; gi < G; ++gi) {
+            float r = alpha_out[gi] - beta_out[gi], m = beta_out[gi];
+            if (*init) {
+                alpha[gi] = alpha[gi] * lam + (1.0f - lam) * r;
+                beta[gi] = beta[gi] * lam + (1.0f - lam) * m;
+            } else {
+                alpha[gi] = r;
+                beta[gi] = m;
+            }
+        }
+        *init = 1;
+    }
+    memcpy(alpha_out, alpha, (size_t)G * sizeof(float));
+    memcpy(beta_out, beta, (size_t)G * sizeof(float));
+    gk_quantize_u8(x, q, A, G, R, alpha_out, beta_out, levels, eps, seed, stochastic);
+}
+
+/* Inverse of gk_quantize_u8: out = q max(|alpha_g|, eps) / levels + beta_g. */
+void gk_dequantize_u8(const uint8_t *q, float *out, int64_t A, int64_t G, int64_t R, const float *alpha,
+                      const float *beta, float levels, float eps) {
+    int64_t w = G * R;
+    if (w <= GK_SPAN) {
+        float ce[GK_SPAN], be[GK_SPAN];
+        gk_row_consts(alpha, beta, G, R, levels, eps, 1, ce, be);
+        for (int64_t a = 0; a < A; ++a) {
+            const uint8_t *p = q + a * w;
+            float *o = out + a * w;
+            for (int64_t j = 0; j < w; ++j)
+                o[j] = (float)p[j] * ce[j] + be[j];
+        }
+        return;
+    }
+    for (int64_t a = 0; a < A; ++a) {
+        for (int64_t gi = 0; gi < G; ++gi) {
+            int64_t off = (a * G + gi) * R;
+            const uint8_t *p = q + off;
+            float *o = out + off;
+            float cg = gk_step(alpha[gi], levels, eps, 1), bg = beta[gi];
+            for (int64_t i = 0; i < R; ++i)
+                o[i] = (float)p[i] * cg + bg;
+        }
+    }
+}

@@ -1,0 +1,228 @@
+"""Tests of the optional native CPU kernels (gradkit._native): each equals its PyTorch path, and gradkit falls back
+to the PyTorch path when the kernels are off or cannot be built."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from gradkit import _native
+from gradkit.distributed.dgc import DGCCompressor
+from gradkit.functional.compressed import ActQuantizer, dequantize, group_range, quantize
+
+needs_native = pytest.mark.skipif(_native.native() is None, reason="no C compiler: native kernels unavailable")
+
+# (shape, groups, group_dim): short and long group runs, rows wider than the kernels' span, odd sizes
+LAYOUTS = [((64, 17, 64), 4, -1), ((8, 16, 7, 5), 16, 1), ((1000,), 1, -1), ((3, 8), 8, 1),
+           ((5, 6000), 2, -1), ((2, 3, 4100), 1, -1)]
+
+
+@pytest.fixture
+def torch_path():
+    """Inside ``with torch_path():`` the kernels are off."""
+    return _native.disabled
+
+
+def _data(shape, groups, gdim, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 3 + 1
+    return x, *group_range(x, groups, gdim)
+
+
+def test_switch_off_and_on(monkeypatch):
+    monkeypatch.setenv("GRADKIT_NATIVE", "1")
+    with _native.disabled():
+        assert not _native.enabled() and _native.native() is None
+    assert _native.enabled() and os.environ["GRADKIT_NATIVE"] == "1"
+    monkeypatch.delenv("GRADKIT_NATIVE")
+    with _native.disabled():
+        assert not _native.enabled()
+    assert "GRADKIT_NATIVE" not in os.environ
+
+
+def test_no_compiler_falls_back(monkeypatch, tmp_path):
+    """No compiler and an empty cache: no library, and Mesa's quantiser still works (PyTorch path)."""
+    monkeypatch.setattr(_native, "_state", {})
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("GRADKIT_CACHE", str(tmp_path / "cache"))
+    assert _native.native() is None
+    codes, a, b = ActQuantizer(groups=2).pack(torch.randn(4, 8))
+    assert codes.dtype == torch.uint8 and a.shape == (2,)
+
+
+@needs_native
+def test_failed_build_falls_back(monkeypatch, tmp_path):
+    """A compiler that fails leaves no library file behind and gives None."""
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(_native, "_state", {})
+    monkeypatch.setenv("CC", str(fake))
+    monkeypatch.setenv("GRADKIT_CACHE", str(tmp_path / "cache"))
+    assert _native.native() is None
+    assert not list((tmp_path / "cache").rglob("*.so"))
+
+
+@needs_native
+@pytest.mark.parametrize("shape,groups,gdim", LAYOUTS)
+def test_group_range_equals_torch_path(shape, groups, gdim, torch_path):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    r, m = group_range(x, groups, gdim)
+    with torch_path():
+        r0, m0 = group_range(x, groups, gdim)
+    assert torch.equal(r, r0) and torch.equal(m, m0)  # extremes are exact; hi - lo the same float op
+
+
+@needs_native
+@pytest.mark.parametrize("shape,groups,gdim", LAYOUTS)
+def test_nearest_codes_equal_torch_path_but_at_halves(shape, groups, gdim, torch_path):
+    x, a, b = _data(shape, groups, gdim)
+    q = quantize(x, a, b, groups=groups, group_dim=gdim, stochastic=False)
+    with torch_path():
+        q0 = quantize(x, a, b, groups=groups, group_dim=gdim, stochastic=False)
+    diff = q.int() - q0.int()
+    assert q.dtype == q0.dtype == torch.uint8 and q.shape == x.shape
+    # halves round up here and to even there; a product rounded the other way may also flip a code
+    assert diff.abs().max() <= 1 and (diff != 0).float().mean() < 1e-3
+
+
+@needs_native
+@pytest.mark.parametrize("shape,groups,gdim", LAYOUTS)
+def test_stochastic_codes_are_floor_or_ceil_and_seeded(shape, groups, gdim):
+    x, a, b = _data(shape, groups, gdim)
+    kw = dict(groups=groups, group_dim=gdim)
+    q1 = quantize(x, a, b, generator=torch.Generator().manual_seed(7), **kw)
+    q2 = quantize(x, a, b, generator=torch.Generator().manual_seed(7), **kw)
+    q3 = quantize(x, a, b, generator=torch.Generator().manual_seed(8), **kw)
+    assert torch.equal(q1, q2) and not torch.equal(q1, q3)
+    y = _scaled(x, a, b, groups, gdim)
+    lo, q = y.floor().clamp(0, 255), q1.double()
+    # floor or floor + 1 of the scaled value; within float32 rounding of a grid point either neighbour
+    near = (y - y.round()).abs() < 1e-3
+    assert ((q == lo) | (q == (lo + 1).clamp(max=255)) | (near & ((q - y).abs() <= 1))).all()
+
+
+def _scaled(x, a, b, groups, gdim):
+    """(x - beta) * s per element in float64 (s = 255 / |alpha|), for the code checks."""
+    xg = x.double().reshape(*x.shape[:gdim % x.dim()], groups, -1, *x.shape[gdim % x.dim() + 1:])
+    d = gdim % x.dim()
+    view = (1,) * d + (groups,) + (1,) * (xg.dim() - d - 1)
+    return ((xg - b.double().view(view)) * (255 / a.double().abs().view(view))).reshape(x.shape)
+
+
+@needs_native
+def test_stochastic_rounding_unbiased_and_uniform():
+    """Averaged over draws the dequantised value is x (bias well under one step), and the fractional part of a
+    code's step is hit with the probability the uniform draw gives."""
+    x = torch.linspace(-1, 1, 4096).reshape(16, 256)
+    a, b = torch.tensor([2.0]), torch.tensor([-1.0])
+    gen = torch.Generator().manual_seed(0)
+    acc = torch.zeros(16, 256, dtype=torch.float64)
+    n = 300
+    for _ in range(n):
+        acc += dequantize(quantize(x, a, b, generator=gen), a, b).double()
+    step = 2.0 / 255
+    err = (acc / n - x.double()) / step
+    assert err.abs().max() < 0.2  # one element: the sd of a mean of 300 draws is <= 0.03 steps
+    assert err.mean().abs() < 0.01  # all elements: no systematic bias
+
+
+@needs_native
+@pytest.mark.parametrize("shape,groups,gdim", LAYOUTS)
+def test_dequantize_equals_torch_path(shape, groups, gdim, torch_path):
+    x, a, b = _data(shape, groups, gdim)
+    q = quantize(x, a, b, groups=groups, group_dim=gdim)
+    out = dequantize(q, a, b, groups=groups, group_dim=gdim)
+    with torch_path():
+        out0 = dequantize(q, a, b, groups=groups, group_dim=gdim)
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    torch.testing.assert_close(out, out0, rtol=1e-6, atol=1e-6)
+
+
+@needs_native
+def test_non_contiguous_input(torch_path):
+    x = torch.randn(4, 8, 6, 5).permute(0, 2, 1, 3)  # (4, 6, 8, 5), groups over dim 2
+    a, b = group_range(x, 4, 2)
+    with torch_path():
+        a0, b0 = group_range(x, 4, 2)
+    assert torch.equal(a, a0) and torch.equal(b, b0)
+    q = quantize(x, a, b, groups=4, group_dim=2, stochastic=False)
+    with torch_path():
+        q0 = quantize(x, a, b, groups=4, group_dim=2, stochastic=False)
+    assert (q.int() - q0.int()).abs().max() <= 1
+
+
+@needs_native
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_pack_equals_torch_path(stochastic, torch_path):
+    """Range, EMA and snapshot of one native pack equal the PyTorch path's; buffers update only when asked."""
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(32, 17, 64, generator=gen) * (i + 1) for i in range(3)]
+    qa = ActQuantizer(groups=4, stochastic=stochastic)
+    qb = ActQuantizer(groups=4, stochastic=stochastic)
+    for x in xs:
+        ca, aa, ba = qa.pack(x)
+        with torch_path():
+            cb, ab, bb = qb.pack(x)
+        torch.testing.assert_close(aa, ab, rtol=1e-6, atol=0)
+        torch.testing.assert_close(ba, bb, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(qa.alpha, qb.alpha, rtol=1e-6, atol=0)
+        assert bool(qa.initialized) and ca.dtype == torch.uint8 and ca.shape == x.shape
+        assert (ca.int() - cb.int()).abs().max() <= 1
+    snap = aa.clone()
+    qa.eval()
+    before = qa.alpha.clone()
+    qa.pack(xs[0] * 100)  # eval: no update, snapshot of the running range
+    assert torch.equal(qa.alpha, before) and torch.equal(snap, aa)
+    qa.pack(xs[0] * 100, update=True)
+    assert not torch.equal(qa.alpha, before)
+
+
+@needs_native
+def test_pack_first_call_uses_own_range_even_in_eval():
+    q = ActQuantizer(groups=2).eval()
+    x = torch.randn(6, 8)
+    _, a, b = q.pack(x)
+    r, m = group_range(x, 2, -1)
+    assert torch.equal(a, r) and torch.equal(b, m) and bool(q.initialized)
+
+
+@needs_native
+def test_nan_and_inf_do_not_crash():
+    x = torch.randn(4, 8)
+    x[0, 0], x[1, 1], x[2, 2] = float("nan"), float("inf"), -float("inf")
+    a, b = torch.tensor([4.0]), torch.tensor([-2.0])
+    q = quantize(x, a, b, stochastic=False)
+    assert q[1, 1] == 255 and q[2, 2] == 0 and q[0, 0] == 0
+
+
+@needs_native
+@pytest.mark.parametrize("nesterov,momentum", [(False, 0.9), (False, 0.0), (True, 0.9)])
+def test_dgc_fused_update_selects_as_torch_path(nesterov, momentum, torch_path):
+    """The fused update + blockwise selection sends the same entries as the PyTorch path; u and v agree to
+    rounding (the two paths may contract multiply-adds differently)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)  # the fused kernel runs at one thread only
+    try:
+        a = DGCCompressor(density=1e-3, momentum=momentum, nesterov=nesterov, warmup=None)
+        b = DGCCompressor(density=1e-3, momentum=momentum, nesterov=nesterov, warmup=None)
+        assert a._native_fits(torch.empty(1000, 300))
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(5):
+            g = torch.randn(1000, 300, generator=gen)
+            sa = a.compress("w", g)
+            with torch_path():
+                sb = b.compress("w", g)
+            assert torch.equal(sa.flat_indices().sort().values, sb.flat_indices().sort().values)
+            torch.testing.assert_close(a.v["w"], b.v["w"], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(a.u["w"], b.u["w"], rtol=1e-5, atol=1e-6)
+    finally:
+        torch.set_num_threads(prev)
+
+
+def test_dgc_native_not_used_where_it_does_not_fit():
+    c = DGCCompressor(density=1e-3, warmup=None)
+    assert not c._native_fits(torch.empty(100, 10))  # small
+    assert not c._native_fits(torch.empty(1000, 300, dtype=torch.float64))
+    assert not DGCCompressor(density=1e-3, warmup=None, sample_ratio=0.01)._native_fits(torch.empty(1000, 300))
