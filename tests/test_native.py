@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gradkit import _native
-from gradkit.distributed.dgc import DGCCompressor
+from gradkit.distributed.dgc import DGCCompressor, _blockwise_topk, decode_block16, encode_block16
 from gradkit.functional.compressed import ActQuantizer, dequantize, group_range, quantize
 
 needs_native = pytest.mark.skipif(_native.native() is None, reason="no C compiler: native kernels unavailable")
@@ -198,8 +198,9 @@ def test_nan_and_inf_do_not_crash():
 
 
 @needs_native
-@pytest.mark.parametrize("nesterov,momentum", [(False, 0.9), (False, 0.0), (True, 0.9)])
-def test_dgc_fused_update_selects_as_torch_path(nesterov, momentum, torch_path):
+@pytest.mark.parametrize("nesterov,momentum,shape", [(False, 0.9, (1000, 300)), (False, 0.0, (1000, 300)),
+                                                     (True, 0.9, (1000, 300)), (False, 0.9, (10, 1030))])
+def test_dgc_fused_update_selects_as_torch_path(nesterov, momentum, shape, torch_path):
     """The fused update + blockwise selection sends the same entries as the PyTorch path; u and v agree to
     rounding (the two paths may contract multiply-adds differently)."""
     prev = torch.get_num_threads()
@@ -207,22 +208,70 @@ def test_dgc_fused_update_selects_as_torch_path(nesterov, momentum, torch_path):
     try:
         a = DGCCompressor(density=1e-3, momentum=momentum, nesterov=nesterov, warmup=None)
         b = DGCCompressor(density=1e-3, momentum=momentum, nesterov=nesterov, warmup=None)
-        assert a._native_fits(torch.empty(1000, 300))
+        assert a._native_fits(torch.empty(shape))
         gen = torch.Generator().manual_seed(0)
         for _ in range(5):
-            g = torch.randn(1000, 300, generator=gen)
+            g = torch.randn(shape, generator=gen)
             sa = a.compress("w", g)
             with torch_path():
                 sb = b.compress("w", g)
             assert torch.equal(sa.flat_indices().sort().values, sb.flat_indices().sort().values)
+            ia, ib = sa.flat_indices().argsort(), sb.flat_indices().argsort()
+            torch.testing.assert_close(sa.values[ia], sb.values[ib], rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(a.v["w"], b.v["w"], rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(a.u["w"], b.u["w"], rtol=1e-5, atol=1e-6)
     finally:
         torch.set_num_threads(prev)
 
 
+@needs_native
+@pytest.mark.parametrize("n,k", [(64 * 50, 7), (64 * 50 + 13, 12), (100_003, 97)])
+def test_dgc_select_kernel_gives_a_top_k_set(n, k, torch_path):
+    """The blockwise top-k with the native filter picks entries of the same magnitudes as torch.topk, with
+    ties (many equal values), a short last row, signed input ranked by |x|, and NaN ranked first."""
+    gen = torch.Generator().manual_seed(n)
+    for case in ("plain", "ties", "signed", "nan"):
+        a = torch.randn(n, generator=gen).abs()
+        if case == "ties":
+            a = (a * 4).round()
+        if case == "signed":
+            a = torch.randn(n, generator=gen)
+        if case == "nan":
+            a[n // 3] = float("nan")
+        c = 64
+        rows = -(-n // c)
+        rmax = torch.stack([a[r * c:(r + 1) * c].abs().max() for r in range(rows)])
+        signed = case in ("signed", "nan")
+        idx = _blockwise_topk(a, k, rmax=rmax if signed else None)
+        with torch_path():
+            ref = _blockwise_topk(a, k, rmax=rmax if signed else None)
+        assert idx.numel() == k == idx.unique().numel()
+        want = torch.topk(a.abs(), k).values.sort().values
+        got, got_ref = a[idx].abs().sort().values, a[ref].abs().sort().values
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(got_ref, want, rtol=0, atol=0, equal_nan=True)
+
+
+@needs_native
+def test_block16_and_finite_check_match_torch_path(torch_path):
+    idx = torch.tensor([0, 5, 65535, 65536, 200_000, 262_143])
+    with torch_path():
+        want = encode_block16(idx, 262_144)
+    assert torch.equal(encode_block16(idx, 262_144), want)
+    assert torch.equal(decode_block16(want, 262_144, idx.numel()), idx)
+    with pytest.raises((IndexError, RuntimeError)):  # an index beyond numel: both paths refuse
+        encode_block16(torch.tensor([3, 300_000]), 262_144)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        g = torch.randn(1000, 300)
+        g[999, 299] = bad
+        with pytest.raises(ValueError, match="non-finite"):
+            DGCCompressor(density=1e-3, warmup=None).compress("w", g)
+    g = torch.full((1000, 300), 3e38)  # large but finite: sends
+    assert DGCCompressor(density=1e-3, warmup=None).compress("w", g).values.numel() == 300
+
+
 def test_dgc_native_not_used_where_it_does_not_fit():
     c = DGCCompressor(density=1e-3, warmup=None)
-    assert not c._native_fits(torch.empty(100, 10))  # small
+    assert not DGCCompressor(density=0.1, warmup=None)._native_fits(torch.empty(100, 10))  # too dense for rows
     assert not c._native_fits(torch.empty(1000, 300, dtype=torch.float64))
     assert not DGCCompressor(density=1e-3, warmup=None, sample_ratio=0.01)._native_fits(torch.empty(1000, 300))

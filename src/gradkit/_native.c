@@ -37,8 +37,8 @@ static void gk_dgc_chunk(const float *restrict g, float *restrict u, float *rest
     }
 }
 
-/* max |x[0:len]| for finite x: the largest of the sign-cleared bit patterns, which order as the magnitudes
- * do (an integer maximum, which the compiler vectorises; a float one it would keep scalar) */
+/* max |x[0:len]|: the largest of the sign-cleared bit patterns, which order as the magnitudes do, a NaN's
+ * above inf's (an integer maximum, which the compiler vectorises; a float one it would keep scalar) */
 static float gk_absmax(const float *restrict x, int64_t len) {
     uint32_t mx = 0;
     for (int64_t i = 0; i < len; ++i) {
@@ -60,6 +60,117 @@ void gk_dgc_update(const float *g, float *u, float *v, int64_t n, float m, int m
         for (int64_t r = 0; r < len; r += c)
             rowmax[(a + r) / c] = gk_absmax(v + a + r, r + c < len ? c : len - r);
     }
+}
+
+/* The magnitude's bit pattern: for floats of any sign these order as |x| does, NaN above inf. */
+static inline uint32_t gk_mag(float f) {
+    uint32_t b;
+    memcpy(&b, &f, sizeof b);
+    return b & 0x7fffffffu;
+}
+
+/* The k-th largest magnitude (as bits) of x[0:m] (1 <= k <= m) by a three-digit radix selection; *greater
+ * gets how many entries lie strictly above it. */
+static uint32_t gk_kth_largest(const float *x, int64_t m, int64_t k, int64_t *greater) {
+    static const int shift[3] = {21, 10, 0}, width[3] = {11, 11, 10};
+    int64_t hist[2048];
+    uint32_t prefix = 0, mask = 0;
+    int64_t need = k, above = 0;
+    for (int p = 0; p < 3; ++p) {
+        uint32_t dm = (1u << width[p]) - 1;
+        memset(hist, 0, sizeof(int64_t) << width[p]);
+        for (int64_t i = 0; i < m; ++i) {
+            uint32_t b = gk_mag(x[i]);
+            if ((b & mask) == prefix)
+                hist[(b >> shift[p]) & dm]++;
+        }
+        uint32_t d = dm;
+        int64_t cum = 0;
+        while (d > 0 && cum + hist[d] < need)  /* the entries with this prefix number >= need */
+            cum += hist[d--];
+        need -= cum;
+        above += cum;
+        prefix |= d << shift[p];
+        mask |= dm << shift[p];
+    }
+    *greater = above;
+    return prefix;
+}
+
+/* The blockwise exact top-k of |v| (v: n entries in rows of c, the last row may be short; rmax: the
+ * nrows = ceil(n / c) row maxima of |v|; 1 <= k <= nrows). R = the k-th largest row maximum is at most the
+ * k-th largest |v| T (the k rows above it hold k entries >= R), so a top-k set lies among the entries
+ * >= R of the rows whose maximum is >= R: these candidates go to cand_val / cand_idx (room for cap), T is
+ * selected among them, and the entries > T and the first ones equal to T make exactly k.
+ * Writes their flat indices in increasing order to idx[0:k]; where vals is not NULL, their values to vals;
+ * where zero is set, sets those entries of v (and of u when not NULL) to 0. Returns k, or minus the number
+ * of candidates when that exceeds cap (then nothing is written or changed: call again with more room), or 0
+ * when k is out of range or rmax is not the row maxima of v (fewer than k candidates). */
+int64_t gk_dgc_topk(float *v, float *u, int64_t n, int64_t c, const float *rmax, int64_t k, float *cand_val,
+                    int64_t *cand_idx, int64_t cap, int64_t *idx, float *vals, int zero) {
+    int64_t nrows = (n + c - 1) / c, ignored, cnt = 0;
+    if (k < 1 || k > nrows)
+        return 0;
+    uint32_t r = gk_kth_largest(rmax, nrows, k, &ignored);
+    for (int64_t row = 0; row < nrows; ++row) {
+        if (gk_mag(rmax[row]) < r)
+            continue;
+        int64_t a = row * c, b = a + c < n ? a + c : n;
+        for (int64_t i = a; i < b; ++i) {
+            if (gk_mag(v[i]) >= r) {
+                if (cnt < cap) {
+                    cand_val[cnt] = v[i];
+                    cand_idx[cnt] = i;
+                }
+                ++cnt;
+            }
+        }
+    }
+    if (cnt > cap)
+        return -cnt;
+    if (cnt < k)
+        return 0;
+    int64_t greater;
+    uint32_t t = gk_kth_largest(cand_val, cnt, k, &greater);
+    int64_t ties = k - greater, j = 0;
+    for (int64_t q = 0; q < cnt && j < k; ++q) {
+        uint32_t b = gk_mag(cand_val[q]);
+        if (b > t || (b == t && ties-- > 0)) {
+            int64_t i = cand_idx[q];
+            idx[j] = i;
+            if (vals)
+                vals[j] = cand_val[q];
+            if (zero) {
+                v[i] = 0.0f;
+                if (u)
+                    u[i] = 0.0f;
+            }
+            ++j;
+        }
+    }
+    return k;
+}
+
+/* Block16 index code of sorted flat indices idx[0:k]: int32 counts per block of 65,536 entries, then the
+ * low 16 bits of each index less 32,768 as int16 (out: 4 nblocks + 2 k bytes). Returns 0, or -1 (out
+ * unspecified) when an index lies outside the nblocks blocks. */
+int gk_encode_block16(const int64_t *idx, int64_t k, int64_t nblocks, uint8_t *out) {
+    int32_t *counts = (int32_t *)out;  /* out comes from an allocator aligned for any scalar */
+    int16_t *low = (int16_t *)(out + 4 * nblocks);
+    memset(counts, 0, 4 * (size_t)nblocks);
+    for (int64_t j = 0; j < k; ++j) {
+        int64_t blk = idx[j] >> 16;
+        if (idx[j] < 0 || blk >= nblocks)
+            return -1;
+        counts[blk]++;
+        low[j] = (int16_t)((idx[j] & 0xffff) - 0x8000);
+    }
+    return 0;
+}
+
+/* 1 when x[0:n] holds no NaN or inf: its largest magnitude bit pattern lies below inf's (NaN's lie above). */
+int gk_all_finite(const float *x, int64_t n) {
+    return gk_mag(gk_absmax(x, n)) < 0x7f800000u;
 }
 
 /* Rows of at most GK_SPAN entries (A x G x R with G R <= GK_SPAN) are handled with per-entry group

@@ -37,11 +37,15 @@ _i64, _f32, _int, _u64 = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_
 _p = ctypes.c_void_p
 _SIGNATURES = {
     "gk_dgc_update": [_p, _p, _p, _i64, _f32, _int, _i64, _p],
+    "gk_dgc_topk": [_p, _p, _i64, _i64, _p, _i64, _p, _p, _i64, _p, _p, _int],
+    "gk_encode_block16": [_p, _i64, _i64, _p],
+    "gk_all_finite": [_p, _i64],
     "gk_group_minmax": [_p, _i64, _i64, _i64, _p, _p],
     "gk_quantize_u8": [_p, _p, _i64, _i64, _i64, _p, _p, _f32, _f32, _u64, _int],
     "gk_pack_u8": [_p, _p, _i64, _i64, _i64, _p, _p, _p, _int, _f32, _p, _p, _f32, _f32, _u64, _int],
     "gk_dequantize_u8": [_p, _p, _i64, _i64, _i64, _p, _p, _f32, _f32],
 }
+_RETURNS = {"gk_dgc_topk": _i64, "gk_all_finite": _int, "gk_encode_block16": _int}  # the others return nothing
 _MISSING = object()
 
 
@@ -127,7 +131,7 @@ def native():
                     lib = ctypes.CDLL(str(path))
                     for name, args in _SIGNATURES.items():
                         fn = getattr(lib, name)
-                        fn.argtypes, fn.restype = args, None
+                        fn.argtypes, fn.restype = args, _RETURNS.get(name)
             except (OSError, AttributeError):
                 lib = None
             _state["lib"] = lib

@@ -51,6 +51,11 @@ def encode_block16(indices: torch.Tensor, numel: int) -> torch.Tensor:
     Size ``4 * ceil(numel / 65536) + 2 * k`` bytes, fixed for fixed (numel, k), so ranks can all-gather it.
     """
     nblocks = max(1, -(-numel // BLOCK))
+    lib = _native.native() if indices.dtype == torch.int64 else None
+    if lib is not None and indices.dim() == 1 and _native.usable(indices):
+        out = torch.empty(4 * nblocks + 2 * indices.numel(), dtype=torch.uint8)
+        if lib.gk_encode_block16(indices.data_ptr(), indices.numel(), nblocks, out.data_ptr()) == 0:
+            return out  # else an index out of range: the PyTorch path below raises
     idx = indices.long()
     # index_add_ instead of bincount: the same counts, but no device-to-host sync to size the output
     counts = torch.zeros(nblocks, dtype=torch.int32, device=idx.device).index_add_(
@@ -191,11 +196,15 @@ def _blockwise_topk(a: torch.Tensor, k: int, c: int = BLOCK_ROWS, sync_free: boo
         rmax = a[:main].view(rows, c).amax(1)
         if main < n:
             rmax = torch.cat([rmax, a[main:].amax().view(1)])
+    if sync_free is None:
+        sync_free = a.device.type != "cpu"
+    if not sync_free:
+        found = _native_topk(a, k, rmax.contiguous(), c=c)
+        if found is not None:
+            return found[0]
     top = torch.topk(rmax, k, sorted=False)
     thr = top.values.min()
     cand = (top.indices.unsqueeze(1) * c + torch.arange(c, device=a.device)).reshape(-1)
-    if sync_free is None:
-        sync_free = a.device.type != "cpu"
     if sync_free:
         if main < n:  # the tail row is short: its missing entries score -1 (every |x| >= 0)
             valid = cand < n
@@ -209,8 +218,39 @@ def _blockwise_topk(a: torch.Tensor, k: int, c: int = BLOCK_ROWS, sync_free: boo
         cand = cand[cand < n]
     ac = a[cand].abs() if signed else a[cand]
     keep = torch.nonzero(ac >= thr).view(-1)
-    cand, ac = cand[keep], ac[keep]
+    return _cut_to_k(a, cand[keep], ac[keep], k, signed)
+
+
+def _native_topk(a: torch.Tensor, k: int, rmax: torch.Tensor, *, c: int = BLOCK_ROWS, u: torch.Tensor | None = None,
+                 take: bool = False) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """:func:`_blockwise_topk` in one native call: the indices, increasing, of a top-k set of ``|a|`` (flat
+    float32, row maxima ``rmax`` of ``|a|`` over rows of ``c``), and with ``take`` their values, those
+    entries of ``a`` (and of ``u``) then set to 0. None where the kernel cannot run (the caller falls back)."""
+    lib = _native.native()
+    if (lib is None or a.dtype != torch.float32 or rmax.dtype != torch.float32
+            or not _native.usable(a, rmax, *([] if u is None else [u]))):
+        return None
+    idx = torch.empty(k, dtype=torch.int64)
+    vals = torch.empty(k, dtype=torch.float32) if take else None
+    cap = 2 * k + 2 * c  # the candidates number about k + c; ties may ask for more room
+    while True:
+        cand_val, cand_idx = torch.empty(cap, dtype=torch.float32), torch.empty(cap, dtype=torch.int64)
+        got = lib.gk_dgc_topk(a.data_ptr(), None if u is None else u.data_ptr(), a.numel(), c, rmax.data_ptr(), k,
+                              cand_val.data_ptr(), cand_idx.data_ptr(), cap, idx.data_ptr(),
+                              None if vals is None else vals.data_ptr(), int(take))
+        if got >= 0:
+            return (idx, vals) if got == k else None
+        cap = -got
+
+
+def _cut_to_k(a: torch.Tensor, cand: torch.Tensor, ac: torch.Tensor | None, k: int, signed: bool) -> torch.Tensor:
+    """The k of the candidate indices ``cand`` (a superset of a top-k set) with the largest entries; ``ac``:
+    their magnitudes if already gathered."""
+    if cand.numel() < k:  # NaN entries compare false: rank all entries instead, NaN first as torch.topk does
+        return _exact_topk(a.abs() if signed else a, k)
     if cand.numel() > k:
+        if ac is None:
+            ac = a[cand].abs() if signed else a[cand]
         cand = cand[torch.topk(ac, k, sorted=False).indices]
     return cand
 
@@ -408,9 +448,14 @@ class DGCCompressor:
 
     def _check_finite(self, keys: Sequence[Hashable], grads: Sequence[torch.Tensor]) -> None:
         """ValueError naming the first key whose gradient has NaN/inf entries (one host sync when all is well)."""
-        total = grads[0].sum() if len(grads) == 1 else sum(g.sum(dtype=torch.float32) for g in grads)
-        if bool(torch.isfinite(total)):  # a sum is non-finite if any entry is (or, rarely, if it overflows)
-            return
+        lib = _native.native()
+        if lib is not None and all(g.dtype == torch.float32 for g in grads) and _native.usable(*grads):
+            if all(lib.gk_all_finite(g.data_ptr(), g.numel()) for g in grads):
+                return
+        else:
+            total = grads[0].sum() if len(grads) == 1 else sum(g.sum(dtype=torch.float32) for g in grads)
+            if bool(torch.isfinite(total)):  # a sum is non-finite if any entry is (or, rarely, if it overflows)
+                return
         for key, g in zip(keys, grads):
             if not bool(torch.isfinite(g).all()):
                 nan, inf = int(torch.isnan(g).sum()), int(torch.isinf(g).sum())
@@ -461,7 +506,7 @@ class DGCCompressor:
         m = self.momentum
         vs = []
         us = []
-        idx = None
+        idx = taken = None
         for key, g in zip(keys, grads):
             u = self.u.get(key)
             if u is None:
@@ -471,7 +516,10 @@ class DGCCompressor:
                 v = self.v[key] = torch.zeros_like(g)
             rmax = self._native_update(g, u, v) if len(grads) == 1 else None
             if rmax is not None:  # the fused pass below, and the exact top-k from its row maxima
-                idx = _blockwise_topk(v.reshape(-1), self.k_for(v.numel()), rmax=rmax)
+                masked = u.view(-1) if self.momentum_masking else None
+                taken = _native_topk(v.view(-1), self.k_for(v.numel()), rmax, u=masked, take=True)
+                if taken is None:
+                    idx = _blockwise_topk(v.reshape(-1), self.k_for(v.numel()), rmax=rmax)
             elif self.nesterov:
                 u.add_(g).mul_(m)
                 v.add_(u).add_(g)
@@ -486,25 +534,15 @@ class DGCCompressor:
         flat = vs[0].reshape(-1) if len(vs) == 1 else torch.cat([v.reshape(-1) for v in vs])
         n = flat.numel()
         k = self.k_for(n)
-        if idx is None:
-            idx = select_topk(flat, k, self.sample_ratio, self.generator, self._work_for(flat))
-        if self.index_coding == "block16":
-            idx = torch.sort(idx).values
-        values = flat[idx]  # a copy
-        if len(vs) == 1:
-            vs[0].view(-1)[idx] = 0
-            if self.momentum_masking:
-                us[0].view(-1)[idx] = 0
+        if taken is not None:  # sorted, values copied, v (and u) already zeroed at the indices
+            idx, values = taken
         else:
-            mask = torch.zeros(n, dtype=torch.bool, device=flat.device)
-            mask[idx] = True
-            off = 0
-            for u, v in zip(us, vs):
-                part = mask[off:off + v.numel()].view(v.shape)
-                v.masked_fill_(part, 0)
-                if self.momentum_masking:
-                    u.masked_fill_(part, 0)
-                off += v.numel()
+            if idx is None:
+                idx = select_topk(flat, k, self.sample_ratio, self.generator, self._work_for(flat))
+            if self.index_coding == "block16":
+                idx = torch.sort(idx).values
+            values = flat[idx]  # a copy
+            self._zero_sent(idx, us, vs, flat)
         shape = torch.Size([n]) if len(vs) > 1 else grads[0].shape
         if self.index_coding == "block16":
             sg = SparseGrad(values, encode_block16(idx, n), n, shape, "block16")
@@ -514,12 +552,29 @@ class DGCCompressor:
         self._count(n * flat.element_size(), sg.nbytes, sparse=True)
         return sg
 
+    def _zero_sent(self, idx: torch.Tensor, us: list[torch.Tensor], vs: list[torch.Tensor], flat: torch.Tensor) -> None:
+        """Clear the sent entries of v (and of u with momentum masking) in each tensor of the group."""
+        if len(vs) == 1:
+            vs[0].view(-1)[idx] = 0
+            if self.momentum_masking:
+                us[0].view(-1)[idx] = 0
+            return
+        mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+        mask[idx] = True
+        off = 0
+        for u, v in zip(us, vs):
+            part = mask[off:off + v.numel()].view(v.shape)
+            v.masked_fill_(part, 0)
+            if self.momentum_masking:
+                u.masked_fill_(part, 0)
+            off += v.numel()
+
     def _native_fits(self, g: torch.Tensor) -> bool:
         """Whether one tensor's update and exact selection can take the fused CPU kernel (float32, contiguous,
-        large and sparse enough for the blockwise top-k, one thread: the kernel does not split the work)."""
+        sparse enough for the blockwise top-k, one thread: the kernel does not split the work)."""
         n = g.numel()
-        return (self.sample_ratio is None and g.dtype == torch.float32 and n >= 1 << 15
-                and 4 * self.k_for(n) * BLOCK_ROWS <= n and torch.get_num_threads() == 1)
+        return (self.sample_ratio is None and g.dtype == torch.float32 and 4 * self.k_for(n) * BLOCK_ROWS <= n
+                and torch.get_num_threads() == 1)
 
     def _native_update(self, g: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
         """u, v updated as in the PyTorch path of :meth:`compress_group` by one fused pass, which returns the
