@@ -287,6 +287,10 @@ def test_rng_state_is_kept_only_for_levels_that_draw_random_numbers():
     y = drop(torch.randn(5, 8, requires_grad=True))
     kept = [e is not None for e in ctx_of(y).rng_log]
     assert kept == [True, False, False, False]
+    mid = ReversibleSequential(*[ReversibleBlock(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))
+                                                 if i == 1 else nn.Linear(4, 4), split_dim=-1) for i in range(3)])
+    y = mid(torch.randn(5, 8, requires_grad=True))
+    assert [e is not None for e in ctx_of(y).rng_log] == [False, False, False, True, False, False]
 
 
 

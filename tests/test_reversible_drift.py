@@ -97,6 +97,27 @@ def test_drift_probe_of_strided_views_and_the_drift_formula():
     assert i0.tolist() == [0] and r0.tolist() == [2.0]
 
 
+@pytest.mark.parametrize("sizes", [(64, 64), (300, 40)])  # probes of equal length measured together, or not
+def test_probes_drift_native_and_torch_paths_agree(sizes):
+    from gradkit import _native
+    from gradkit.functional.reversible import _probe, _probes_drift, _rel_drift
+
+    g = torch.Generator().manual_seed(1)
+    states = [torch.randn(n, generator=g) for n in sizes]
+    probes = [_probe(t) for t in states]
+    rebuilt = [t + 1e-4 * (i + 1) * torch.randn(t.shape, generator=g) for i, t in enumerate(states)]
+    want = max(_rel_drift(torch.take(t, idx), ref) for (idx, ref), t in zip(probes, rebuilt))
+    got = _probes_drift(probes, rebuilt)
+    with _native.disabled():
+        got_torch = _probes_drift(probes, rebuilt)
+    assert got == pytest.approx(want, rel=1e-5) and got_torch == pytest.approx(want, rel=1e-5)
+    rebuilt[1][0] = float("nan")  # probed entry 0: the drift is NaN, and a NaN drift trips a monitor
+    assert math.isnan(_probes_drift(probes, rebuilt))
+    with _native.disabled():
+        assert math.isnan(_probes_drift(probes, rebuilt))
+    assert DriftMonitor(1e-3).record(float("nan"))
+
+
 def test_inexact_chain_without_saved_input_warns_and_stores_activations_next():
     torch.manual_seed(0)
 

@@ -372,3 +372,19 @@ void gk_dequantize_u8(const uint8_t *q, float *out, int64_t A, int64_t G, int64_
         }
     }
 }
+
+/* Reconstruction drift at probed entries: max_i |x[idx[i]] - ref[i]| / max(max_i |ref[i]|, FLT_MIN), NaN
+ * when either side holds a NaN (a reversible chain's check of its rebuilt input, see gradkit.functional). */
+double gk_probe_drift(const float *x, const int64_t *idx, const float *ref, int64_t p) {
+    float num = 0.0f, den = 0.0f;
+    int nan = 0;
+    for (int64_t i = 0; i < p; ++i) {
+        float d = fabsf(x[idx[i]] - ref[i]), r = fabsf(ref[i]);
+        nan |= (d != d) | (r != r);
+        num = d > num ? d : num;
+        den = r > den ? r : den;
+    }
+    if (nan)
+        return NAN;
+    return (double)num / (den > 1.17549435e-38f ? (double)den : 1.17549435e-38);
+}

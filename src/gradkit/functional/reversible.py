@@ -45,6 +45,8 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from .. import _native
+
 __all__ = ["ReversibleStep", "MultiLevelReversibleFunction", "run_steps", "invert_steps", "collect_params",
            "bn_state_guard", "DriftMonitor"]
 
@@ -118,6 +120,39 @@ def _rel_drift(got: Tensor, ref: Tensor) -> float:
     return num / max(den, torch.finfo(ref.dtype).tiny) if den == den else float("nan")
 
 
+def _worst(a: float, b: float) -> float:
+    """The larger drift, NaN if either is NaN (a NaN drift must trip the monitor, not vanish in ``max``)."""
+    return a + b if a != a or b != b else max(a, b)
+
+
+def _probes_drift(probes: Sequence[tuple[Tensor, Tensor]], states: Sequence[Tensor]) -> float:
+    """The largest :func:`_rel_drift` of the probed entries of ``states`` against ``probes`` (see
+    :func:`_probe`). Probes of equal length are measured together: a few small ops and one host read
+    instead of six per state; float32 on the CPU, one native call per state (:mod:`gradkit._native`)."""
+    lib = _native.native()
+    if lib is not None and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+                               for t in states):  # idx and ref: contiguous, on t's device (_probe)
+        worst = 0.0
+        for (idx, ref), t in zip(probes, states):
+            worst = _worst(worst, lib.gk_probe_drift(t.data_ptr(), idx.data_ptr(), ref.data_ptr(), ref.numel()))
+        return worst
+    if len({ref.numel() for _, ref in probes}) != 1:
+        worst = 0.0
+        for (idx, ref), got in zip(probes, states):
+            worst = _worst(worst, _rel_drift(torch.take(got, idx), ref))
+        return worst
+    ref = torch.stack([r for _, r in probes])
+    got = torch.stack([torch.take(t, idx) for (idx, _), t in zip(probes, states)])
+    inf = float("inf")
+    nums, dens = torch.stack([torch.linalg.vector_norm(got - ref, ord=inf, dim=1),
+                              torch.linalg.vector_norm(ref, ord=inf, dim=1)]).tolist()
+    tiny = torch.finfo(ref.dtype).tiny
+    worst = 0.0
+    for num, den in zip(nums, dens):
+        worst = _worst(worst, num / max(den, tiny) if den == den else float("nan"))
+    return worst
+
+
 @functools.lru_cache(maxsize=64)
 def _probe_index(numel: int, device: torch.device) -> Tensor:
     return torch.linspace(0, numel - 1, min(PROBE_SIZE, numel), device=device).long()
@@ -127,7 +162,7 @@ def _probe(t: Tensor) -> tuple[Tensor, Tensor]:
     """Flat (row-major) indices of up to PROBE_SIZE evenly spaced entries of ``t`` and a copy of them;
     ``torch.take`` reads them without copying ``t`` when it is a strided view (a coupling's half)."""
     idx = _probe_index(t.numel(), t.device)
-    return idx, torch.take(t.detach(), idx)
+    return idx, torch.take(t, idx)  # called where grad mode is off (the Function's forward): no graph
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -145,6 +180,24 @@ def bn_state_guard(modules: Sequence[nn.Module]) -> Iterator[None]:
         yield
 
 
+def _walk(mod: nn.Module) -> list[nn.Module]:
+    """``list(mod.modules())`` (depth first, each module once) without building the names: a forward
+    gathers its level functions' parameters on every call, and small levels make that traversal count."""
+    out: list[nn.Module] = []
+    seen: set[int] = set()
+    stack = [mod]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        out.append(m)
+        subs = [c for c in m._modules.values() if c is not None]
+        subs.reverse()
+        stack.extend(subs)
+    return out
+
+
 def _params_and_buffers(modules: Sequence[nn.Module]) -> tuple[list[list[Tensor]], list[Tensor]]:
     """``[list(m.parameters()) for m in modules]`` and :func:`_buffers_of` ``(modules)`` in one traversal."""
     params: list[list[Tensor]] = []
@@ -153,7 +206,7 @@ def _params_and_buffers(modules: Sequence[nn.Module]) -> tuple[list[list[Tensor]
     for mod in modules:
         own: list[Tensor] = []
         seen_p: set[int] = set()
-        for m in mod.modules():
+        for m in _walk(mod):
             for p in m._parameters.values():
                 if p is not None and id(p) not in seen_p:
                     seen_p.add(id(p))
@@ -237,7 +290,8 @@ def _capture_rng(devices: list[int]):
 
 
 def _same_rng(a, b) -> bool:
-    return torch.equal(a[0], b[0]) and all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
+    # the CPU state's bytes compared in Python: a third of the time of torch.equal on its 5 KB
+    return a[0].numpy().tobytes() == b[0].numpy().tobytes() and all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
 
 
 def _restore_rng(state, devices: list[int]) -> None:
@@ -258,8 +312,9 @@ def run_steps(steps: Sequence[ReversibleStep], x: Tensor | None, states: Sequenc
     """
     cur = list(states)
     devices = rng_devices or []
-    # the state after one level is the state before the next (nothing in between draws): one capture per level
-    state = _capture_rng(devices) if rng_log is not None else None
+    # the state after one level is the state before the next (nothing in between draws): one capture per level;
+    # compared once the chain has run, the first with the last first (most chains draw nothing)
+    seen = [_capture_rng(devices)] if rng_log is not None else None
     for s, step in enumerate(steps):
         new: list[Tensor] = []
         n = len(step.fns)
@@ -269,16 +324,19 @@ def run_steps(steps: Sequence[ReversibleStep], x: Tensor | None, states: Sequenc
             lower = x if k == 0 else new[k - 1]
             upper = None if (step.first or k == n - 1) else cur[k + 1]
             out = _call_level(fn, lower, upper, f"step {s}, level {k}")
-            if rng_log is not None:  # keep the state only where the level drew random numbers
-                after = _capture_rng(devices)
-                rng_log.append(None if _same_rng(state, after) else state)
-                state = after
+            if seen is not None:
+                seen.append(_capture_rng(devices))
             if step.first:
                 new.append(out)
             else:
                 _check_state(out, cur[k], f"step {s}, level {k}")
                 new.append(_add_scaled(out, step.alphas[k], cur[k]))
         cur = new
+    if seen is not None:  # keep a level's state only where it drew random numbers (its state moved)
+        if _same_rng(seen[0], seen[-1]):
+            rng_log.extend([None] * (len(seen) - 1))
+        else:
+            rng_log.extend(None if _same_rng(a, b) else a for a, b in zip(seen, seen[1:]))
     return cur
 
 
@@ -318,7 +376,8 @@ class MultiLevelReversibleFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, steps, n_states, preserve_rng, monitor, x, *rest):  # type: ignore[override]
+    def forward(ctx, plan, n_states, preserve_rng, monitor, x, *rest):  # type: ignore[override]
+        steps, found = plan  # the steps, and their levels' parameters and buffers (_level_tensors)
         states = rest[:n_states]
         params = rest[n_states:]
         devices = _rng_devices([x, *states]) if preserve_rng else []
@@ -334,8 +393,6 @@ class MultiLevelReversibleFunction(torch.autograd.Function):
         ctx.n_states = n_states
         ctx.has_x = x is not None
         ctx.params = params
-        # parameters and buffers of each level, gathered once (module traversals cost more than small levels)
-        found = [_params_and_buffers(st.fns) for st in steps]
         ctx.level_params = [lp for lp, _ in found]
         ctx.step_buffers = [bufs for _, bufs in found]
         ctx.monitor = monitor
@@ -396,7 +453,7 @@ class MultiLevelReversibleFunction(torch.autograd.Function):
                             a = step.alphas[k]
                             old[k] = _unscale(y_cur[k] - out.detach(), a)
                         elif ctx.monitor is not None:  # rebuilt outputs of the first step vs recomputed ones
-                            drift = max(drift, _rel_drift(y_cur[k], out.detach()))
+                            drift = _worst(drift, _rel_drift(y_cur[k], out.detach()))
                         g = g_new[k]
                         if g is None:
                             g = torch.zeros_like(out)
@@ -431,8 +488,7 @@ class MultiLevelReversibleFunction(torch.autograd.Function):
                 y_cur = old  # type: ignore[assignment]
                 g_cur = g_old
             if ctx.probes is not None:
-                for (idx, ref), got in zip(ctx.probes, y_cur):
-                    drift = max(drift, _rel_drift(torch.take(got, idx), ref))
+                drift = _worst(drift, _probes_drift(ctx.probes, y_cur))
             if ctx.monitor is not None and ctx.monitor.record(drift):
                 exact = steps[0].first
                 if ctx.monitor.trips == 1:
@@ -466,10 +522,16 @@ class MultiLevelReversibleFunction(torch.autograd.Function):
                 raise TypeError(f"steps[{i}] must be a ReversibleStep, got {type(st).__name__}")
             if i > 0 and st.first:
                 raise ValueError(f"steps[{i}] has alphas=None (a first step); only steps[0] may be a first step")
-        if params is None:
-            params = collect_params(steps)
-        return MultiLevelReversibleFunction.apply(list(steps), len(states), bool(preserve_rng), monitor, x,
-                                                  *states, *params)
+        found, all_params = _level_tensors(steps)
+        return _apply(list(steps), found, x, states, all_params if params is None else params, preserve_rng, monitor)
+
+
+def _apply(steps: list[ReversibleStep], found: list, x: Tensor | None, states: Sequence[Tensor | None],
+           params: Sequence[Tensor], preserve_rng: bool, monitor: DriftMonitor | None) -> tuple[Tensor, ...]:
+    """:meth:`MultiLevelReversibleFunction.run` for callers that hold valid steps and their
+    :func:`_level_tensors` already (one module traversal per call instead of two)."""
+    return MultiLevelReversibleFunction.apply((steps, found), len(states), bool(preserve_rng), monitor, x,
+                                              *states, *params)
 
 
 def _exact_grads(ctx, x: Tensor, grad_outs: Sequence[Tensor | None], need_x: bool
@@ -497,14 +559,21 @@ def _exact_grads(ctx, x: Tensor, grad_outs: Sequence[Tensor | None], need_x: boo
 
 def collect_params(steps: Sequence[ReversibleStep]) -> list[Tensor]:
     """Distinct parameters of every level function and every tensor alpha of ``steps``."""
+    return _level_tensors(steps)[1]
+
+
+def _level_tensors(steps: Sequence[ReversibleStep]) -> tuple[list, list[Tensor]]:
+    """Per step, each level's parameters and the step's buffers (:func:`_params_and_buffers`), and the
+    distinct parameters and tensor alphas of all steps (:func:`collect_params`), from one traversal. The
+    order is that of ``f.parameters()`` for each level function, then the step's alphas."""
+    found = [_params_and_buffers(st.fns) for st in steps]
     seen: set[int] = set()
     out: list[Tensor] = []
-    for st in steps:
-        # the order of ``f.parameters()`` for each level function, read from the modules' own dicts (faster)
-        cands = [p for f in st.fns for m in f.modules() for p in m._parameters.values() if p is not None]
+    for st, (level_params, _) in zip(steps, found):
+        cands = [p for own in level_params for p in own]
         cands += [a for a in (st.alphas or []) if isinstance(a, Tensor)]
         for p in cands:
             if id(p) not in seen:
                 seen.add(id(p))
                 out.append(p)
-    return out
+    return found, out

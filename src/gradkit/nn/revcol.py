@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._validate import positive_int, real_scalar
-from ..functional.reversible import (DriftMonitor, MultiLevelReversibleFunction, ReversibleStep, collect_params,
-                                     invert_steps, run_steps)
+from ..functional.reversible import (DriftMonitor, MultiLevelReversibleFunction, ReversibleStep, invert_steps,
+                                     run_steps)
 
 __all__ = ["LayerNorm2d", "DropPath", "ConvNeXtBlock", "RevColLevel", "ReversibleColumnStack", "RevColNet"]
 
@@ -197,8 +197,8 @@ class ReversibleColumnStack(nn.Module):
                                                          monitor=self.drift))
         states: list[Tensor | None] = [None] * nlev
         for st in steps:
-            states = list(MultiLevelReversibleFunction.run([st], x, states, collect_params([st]),
-                                                           preserve_rng=self.preserve_rng, monitor=self.drift))
+            states = list(MultiLevelReversibleFunction.run([st], x, states, preserve_rng=self.preserve_rng,
+                                                           monitor=self.drift))
         return states  # type: ignore[return-value]
 
     @torch.no_grad()
