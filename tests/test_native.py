@@ -275,3 +275,44 @@ def test_dgc_native_not_used_where_it_does_not_fit():
     assert not DGCCompressor(density=0.1, warmup=None)._native_fits(torch.empty(100, 10))  # too dense for rows
     assert not c._native_fits(torch.empty(1000, 300, dtype=torch.float64))
     assert not DGCCompressor(density=1e-3, warmup=None, sample_ratio=0.01)._native_fits(torch.empty(1000, 300))
+
+
+@needs_native
+@pytest.mark.parametrize("rows,n,k", [(5, 300, 7), (3, 16384, 1024), (4, 50, 50), (2, 33, 1)])
+def test_rows_topk_selects_the_largest_per_row(rows, n, k, torch_path):
+    """The native per-row selection of MoCHi's hardest negatives: the k largest values of each row (signed,
+    with ties and NaN), each column once, in increasing order."""
+    from gradkit.nn.hard_negative_mixing import _hardest
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(rows, n, generator=g)
+    x[0] = (x[0] * 2).round()  # many ties
+    x[-1, n // 2] = float("nan")  # ranks first, as in torch.topk
+    if rows > 2:
+        x[1] = -x[1].abs()  # all negative
+    idx = _hardest(x, k)
+    assert idx.shape == (rows, k)
+    assert bool((idx[:, 1:] > idx[:, :-1]).all())  # increasing, so distinct
+    want = torch.topk(x, k, dim=1).values.sort(dim=1).values
+    torch.testing.assert_close(x.gather(1, idx).sort(dim=1).values, want, rtol=0, atol=0, equal_nan=True)
+    with torch_path():
+        ref = _hardest(x, k)
+    torch.testing.assert_close(x.gather(1, ref).sort(dim=1).values, want, rtol=0, atol=0, equal_nan=True)
+
+
+@needs_native
+@pytest.mark.parametrize("d", [128, 13])
+def test_pair_norms_match_torch_path(d, torch_path):
+    from gradkit.nn.hard_negative_mixing import _mix_norms
+
+    g = torch.Generator().manual_seed(d)
+    table = torch.randn(500, d, generator=g)
+    i, j = torch.randint(0, 500, (7, 40), generator=g), torch.randint(0, 500, (7, 40), generator=g)
+    w = torch.rand(7, 40, generator=g)
+    w[0, 0], i[0, 1], j[0, 1] = 0.5, 3, 3  # a pair of one row with itself
+    got = _mix_norms(table, i, j, w)
+    with torch_path():
+        want = _mix_norms(table, i, j, w)
+    naive = (w[..., None] * table[i] + (1 - w[..., None]) * table[j]).norm(dim=-1)
+    torch.testing.assert_close(got, naive, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(want, naive, rtol=1e-5, atol=1e-6)

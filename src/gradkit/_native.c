@@ -388,3 +388,71 @@ double gk_probe_drift(const float *x, const int64_t *idx, const float *ref, int6
         return NAN;
     return (double)num / (den > 1.17549435e-38f ? (double)den : 1.17549435e-38);
 }
+
+/* The k largest entries of each row of x (rows x n, contiguous; 1 <= k <= n), by value: their column indices
+ * in increasing order to out (rows x k). A radix selection on the order-preserving keys of the values finds
+ * each row's k-th largest (its first digit over the whole row, the next ones over the entries that share
+ * the digits found so far, compacted into scratch: 2 n words); the entries above it and the first ones equal
+ * to it make k (NaN ranks above inf, as in torch.topk). */
+void gk_rows_topk(const float *x, int64_t rows, int64_t n, int64_t k, uint32_t *scratch, int64_t *out) {
+    static const int shift[3] = {21, 10, 0}, width[3] = {11, 11, 10};
+    int64_t hist[2048];
+    uint32_t *keys = scratch, *cand = scratch + n;
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *row = x + r * n;
+        for (int64_t i = 0; i < n; ++i)
+            keys[i] = (uint32_t)gk_key(row[i]) ^ 0x80000000u;
+        const uint32_t *src = keys;
+        int64_t m = n, need = k;
+        uint32_t prefix = 0;
+        for (int p = 0; p < 3; ++p) {
+            uint32_t dm = (1u << width[p]) - 1;
+            memset(hist, 0, sizeof(int64_t) << width[p]);
+            for (int64_t i = 0; i < m; ++i)
+                hist[(src[i] >> shift[p]) & dm]++;
+            uint32_t d = dm;
+            int64_t cum = 0;
+            while (d > 0 && cum + hist[d] < need)
+                cum += hist[d--];
+            need -= cum;
+            prefix |= d << shift[p];
+            if (p < 2) {  /* keep the entries with this digit for the next one */
+                int64_t c = 0;
+                for (int64_t i = 0; i < m; ++i) {
+                    cand[c] = src[i];
+                    c += ((src[i] >> shift[p]) & dm) == d;
+                }
+                src = cand;
+                m = c;
+            }
+        }
+        /* prefix: the k-th largest key; need: how many entries equal to it belong to the k */
+        int64_t *o = out + r * k, j = 0;
+        for (int64_t i = 0; i < n && j < k; ++i) {
+            uint32_t b = keys[i];
+            if (b > prefix || (b == prefix && need-- > 0))
+                o[j++] = i;
+        }
+    }
+}
+
+/* ||w[p] table[i[p]] + (1 - w[p]) table[j[p]]|| for p < m (table: rows of d floats), reading the rows in place. */
+void gk_pair_norms(const float *table, int64_t d, const int64_t *i, const int64_t *j, const float *w, int64_t m,
+                   float *out) {
+    for (int64_t p = 0; p < m; ++p) {
+        const float *a = table + i[p] * d, *b = table + j[p] * d;
+        float wp = w[p], lane[8] = {0};
+        int64_t c = 0;
+        for (; c + 8 <= d; c += 8)  /* eight partial sums: the compiler vectorises them */
+            for (int l = 0; l < 8; ++l) {
+                float v = b[c + l] + wp * (a[c + l] - b[c + l]);
+                lane[l] += v * v;
+            }
+        float acc = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+        for (; c < d; ++c) {
+            float v = b[c] + wp * (a[c] - b[c]);
+            acc += v * v;
+        }
+        out[p] = sqrtf(acc);
+    }
+}

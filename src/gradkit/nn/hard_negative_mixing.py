@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _native
 from .._validate import ArgumentError, nonneg_int, optional_generator, positive, positive_int, real_in, tensor
 
 __all__ = ["hard_negative_mix", "queue_logits", "queue_info_nce_loss", "InfoNCEWithMixing"]
@@ -62,10 +63,24 @@ def _check_mix(keys: Tensor, n_hard: int, s: int, s_prime: int, beta_max: float)
     return n_hard, nonneg_int("s", s), nonneg_int("s_prime", s_prime), real_in("beta_max", beta_max, 0.0, 0.5)
 
 
+def _hardest(sim: Tensor, n_hard: int) -> Tensor:
+    """The column indices of the ``n_hard`` largest entries of each row of ``sim`` (B, K), in no set order.
+    On the CPU in float32, one native call (a radix selection per row, :mod:`gradkit._native`; increasing
+    order): the same sets as ``torch.topk`` but for ties."""
+    lib = _native.native() if sim.dtype == torch.float32 and sim.dim() == 2 else None
+    if lib is not None and _native.usable(sim):
+        rows, n = sim.shape
+        out = torch.empty(rows, n_hard, dtype=torch.long)
+        scratch = torch.empty(2 * n, dtype=torch.int32)
+        lib.gk_rows_topk(sim.data_ptr(), rows, n, n_hard, scratch.data_ptr(), out.data_ptr())
+        return out
+    return sim.topk(n_hard, dim=1, sorted=False).indices
+
+
 def _draw(sim: Tensor, n_hard: int, s: int, s_prime: int, beta_max: float, generator: torch.Generator | None):
     """The random choices of one mixing, from the (B, K) similarities q.n: queue indices i, j (B, s) and weights
     alpha (B, s) of the type-1 mixes, indices j2 and weights beta (B, s') of the type-2 mixes."""
-    top = sim.topk(n_hard, dim=1, sorted=False).indices  # (B, N): the hardest keys of each query (any order)
+    top = _hardest(sim, n_hard)  # (B, N): the hardest keys of each query
     b = sim.shape[0]
     alpha = _uniform((b, s), generator, sim)
     i, j = _indices(top, s, generator), _indices(top, s, generator)
@@ -89,6 +104,11 @@ def _mix_norms(table: Tensor, i: Tensor, j: Tensor, w: Tensor) -> Tensor:
     at (128, 1024) pairs of 128-d keys)."""
     fi, fj, fw = i.reshape(-1), j.reshape(-1), w.reshape(-1, 1)
     out = torch.empty(fi.shape, dtype=table.dtype, device=table.device)
+    lib = _native.native() if table.dtype == torch.float32 == w.dtype and table.dim() == 2 else None
+    if lib is not None and _native.usable(table, fi, fj, fw, out) and fi.dtype == fj.dtype == torch.long:
+        lib.gk_pair_norms(table.data_ptr(), table.shape[1], fi.data_ptr(), fj.data_ptr(), fw.data_ptr(), len(fi),
+                          out.data_ptr())  # the rows read in place, none gathered
+        return out.view(i.shape)
     block = max(1, _PAIR_BLOCK // table.shape[1])
     for a in range(0, len(fi), block):  # a few blocks of pairs (one for the digits claim, 256 at ImageNet-100's)
         b = slice(a, a + block)
