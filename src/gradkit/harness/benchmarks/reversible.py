@@ -10,7 +10,9 @@ zero_grad, forward, a squared-output loss, backward and SGD. With ``--peers`` re
 ``saved_ratio`` is the bytes autograd saves for backward (saved-tensor hooks), ours over the baseline's;
 ``retained_ratio`` the bytes a forward leaves allocated (profiler memory records: the output, saved
 tensors and anything kept on ``ctx``, RNG states included), ours over the baseline's, and ``retained_kb``
-ours in KiB, which stays flat in depth.
+ours in KiB, which stays flat in depth. With ``--peers``, ``vs_revlib_drift_check_off`` also times ours with
+``drift_tol=None`` directly against revlib: the same work as revlib's step (RNG states kept, no
+reconstruction check), beside the default's ``direct``.
 """
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ from torch import nn
 
 from ...nn import ReversibleBlock, ReversibleSequential
 from ...testing import RetainedBytesMeter
-from ..bench import (Benchmark, BenchResult, compare_steps, forward_saved_bytes, import_peer, peer_result,
-                     peers_enabled, register_benchmark)
+from ..bench import (Benchmark, BenchResult, _measured, compare_steps, forward_saved_bytes, import_peer,
+                     peer_result, peers_enabled, register_benchmark)
 
 STACKS = {"mlp": (64, 256), "conv": (16, 16)}  # (batch, width or channels per half)
 DEPTHS = (2, 16)
@@ -93,6 +95,13 @@ def _runner(kind: str, depth: int):
                 mods = [m for f, g in zip(copy.deepcopy(fs), copy.deepcopy(gs)) for m in (f, g)]
                 peer = _step(revlib.ReversibleSequential(*mods, split_dim=1), x)
             extra["peers"] = [peer_result("revlib", base, peer, res.ratio, repeats, ours=ours_step)]
+            if peer is not None:  # the same work as revlib's: RNG states kept, no drift check
+                same = ReversibleSequential(*[ReversibleBlock(f, g, split_dim=1) for f, g in
+                                              zip(copy.deepcopy(fs), copy.deepcopy(gs))], drift_tol=None)
+                d = compare_steps(peer, _step(same, x), repeats=repeats)
+                _measured.pop()
+                extra.update({"vs_revlib_drift_check_off": d.ratio, "vs_revlib_drift_check_off_min": d.extra["ratio_min"],
+                              "vs_revlib_drift_check_off_max": d.extra["ratio_max"]})
         return BenchResult(res.baseline_s, res.candidate_s, extra=extra)
 
     return run
