@@ -439,7 +439,15 @@ void gk_rows_topk(const float *x, int64_t rows, int64_t n, int64_t k, uint32_t *
 /* ||w[p] table[i[p]] + (1 - w[p]) table[j[p]]|| for p < m (table: rows of d floats), reading the rows in place. */
 void gk_pair_norms(const float *table, int64_t d, const int64_t *i, const int64_t *j, const float *w, int64_t m,
                    float *out) {
+    const int64_t ahead = 8;  /* the rows of the pair this far ahead are fetched while this pair computes */
     for (int64_t p = 0; p < m; ++p) {
+        if (p + ahead < m) {
+            const char *na = (const char *)(table + i[p + ahead] * d), *nb = (const char *)(table + j[p + ahead] * d);
+            for (int64_t off = 0; off < d * (int64_t)sizeof(float); off += 64) {
+                __builtin_prefetch(na + off);
+                __builtin_prefetch(nb + off);
+            }
+        }
         const float *a = table + i[p] * d, *b = table + j[p] * d;
         float wp = w[p], lane[8] = {0};
         int64_t c = 0;
