@@ -390,13 +390,14 @@ double gk_probe_drift(const float *x, const int64_t *idx, const float *ref, int6
 }
 
 /* The k largest entries of each row of x (rows x n, contiguous; 1 <= k <= n), by value: their column indices
- * in increasing order to out (rows x k). A radix selection on the order-preserving keys of the values finds
- * each row's k-th largest (its first digit over the whole row, the next ones over the entries that share
- * the digits found so far, compacted into scratch: 2 n words); the entries above it and the first ones equal
- * to it make k (NaN ranks above inf, as in torch.topk). */
+ * in increasing order to out (rows x k; rows of fewer than 2^31 entries). A radix selection on the
+ * order-preserving keys of the values finds each row's k-th largest (its first digit over the whole row, the
+ * next ones over the entries that share the digits found so far, compacted into scratch: 2 n words); the
+ * entries above it and the first ones equal to it make k (NaN ranks above inf, as in torch.topk). */
 void gk_rows_topk(const float *x, int64_t rows, int64_t n, int64_t k, uint32_t *scratch, int64_t *out) {
-    static const int shift[3] = {21, 10, 0}, width[3] = {11, 11, 10};
-    int64_t hist[2048];
+    /* four 8-bit digits: a 1 kB histogram to clear per digit, which short rows (MoCHi's K = 256) need */
+    static const int shift[4] = {24, 16, 8, 0};
+    int32_t hist[256];
     uint32_t *keys = scratch, *cand = scratch + n;
     for (int64_t r = 0; r < rows; ++r) {
         const float *row = x + r * n;
@@ -405,9 +406,9 @@ void gk_rows_topk(const float *x, int64_t rows, int64_t n, int64_t k, uint32_t *
         const uint32_t *src = keys;
         int64_t m = n, need = k;
         uint32_t prefix = 0;
-        for (int p = 0; p < 3; ++p) {
-            uint32_t dm = (1u << width[p]) - 1;
-            memset(hist, 0, sizeof(int64_t) << width[p]);
+        for (int p = 0; p < 4; ++p) {
+            uint32_t dm = 255;
+            memset(hist, 0, sizeof hist);
             for (int64_t i = 0; i < m; ++i)
                 hist[(src[i] >> shift[p]) & dm]++;
             uint32_t d = dm;
@@ -416,7 +417,7 @@ void gk_rows_topk(const float *x, int64_t rows, int64_t n, int64_t k, uint32_t *
                 cum += hist[d--];
             need -= cum;
             prefix |= d << shift[p];
-            if (p < 2) {  /* keep the entries with this digit for the next one */
+            if (p < 3) {  /* keep the entries with this digit for the next one */
                 int64_t c = 0;
                 for (int64_t i = 0; i < m; ++i) {
                     cand[c] = src[i];

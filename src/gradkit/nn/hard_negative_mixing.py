@@ -67,7 +67,7 @@ def _hardest(sim: Tensor, n_hard: int) -> Tensor:
     """The column indices of the ``n_hard`` largest entries of each row of ``sim`` (B, K), in no set order.
     On the CPU in float32, one native call (a radix selection per row, :mod:`gradkit._native`; increasing
     order): the same sets as ``torch.topk`` but for ties."""
-    lib = _native.native() if sim.dtype == torch.float32 and sim.dim() == 2 else None
+    lib = _native.native() if sim.dtype == torch.float32 and sim.dim() == 2 and sim.shape[1] < 2 ** 31 else None
     if lib is not None and _native.usable(sim):
         rows, n = sim.shape
         out = torch.empty(rows, n_hard, dtype=torch.long)
