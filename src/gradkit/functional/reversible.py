@@ -48,7 +48,7 @@ from torch.autograd.function import once_differentiable
 from .. import _native
 
 __all__ = ["ReversibleStep", "MultiLevelReversibleFunction", "run_steps", "invert_steps", "collect_params",
-           "bn_state_guard", "DriftMonitor"]
+           "chain_tensors", "bn_state_guard", "DriftMonitor"]
 
 PROBE_SIZE = 256  # entries kept per input state to measure drift when the inputs are not saved
 
@@ -377,7 +377,7 @@ class MultiLevelReversibleFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, plan, n_states, preserve_rng, monitor, x, *rest):  # type: ignore[override]
-        steps, found = plan  # the steps, and their levels' parameters and buffers (_level_tensors)
+        steps, found = plan  # the steps, and their levels' parameters and buffers (chain_tensors)
         states = rest[:n_states]
         params = rest[n_states:]
         devices = _rng_devices([x, *states]) if preserve_rng else []
@@ -508,10 +508,13 @@ class MultiLevelReversibleFunction(torch.autograd.Function):
     @staticmethod
     def run(steps: Sequence[ReversibleStep], x: Tensor | None, states: Sequence[Tensor | None],
             params: Sequence[Tensor] | None = None, *, preserve_rng: bool = True,
-            monitor: DriftMonitor | None = None) -> tuple[Tensor, ...]:
+            monitor: DriftMonitor | None = None, tensors: tuple[list, list[Tensor]] | None = None
+            ) -> tuple[Tensor, ...]:
         """Apply the chain; ``params`` defaults to every parameter of the level functions and alphas.
 
         ``monitor``: a :class:`DriftMonitor` that the backward reports its reconstruction drift to.
+        ``tensors``: :func:`chain_tensors` ``(steps)`` where the caller has it already (one module traversal
+        per call instead of two).
         """
         if monitor is not None and not isinstance(monitor, DriftMonitor):
             raise TypeError(f"monitor must be a DriftMonitor or None, got {type(monitor).__name__}")
@@ -522,16 +525,9 @@ class MultiLevelReversibleFunction(torch.autograd.Function):
                 raise TypeError(f"steps[{i}] must be a ReversibleStep, got {type(st).__name__}")
             if i > 0 and st.first:
                 raise ValueError(f"steps[{i}] has alphas=None (a first step); only steps[0] may be a first step")
-        found, all_params = _level_tensors(steps)
-        return _apply(list(steps), found, x, states, all_params if params is None else params, preserve_rng, monitor)
-
-
-def _apply(steps: list[ReversibleStep], found: list, x: Tensor | None, states: Sequence[Tensor | None],
-           params: Sequence[Tensor], preserve_rng: bool, monitor: DriftMonitor | None) -> tuple[Tensor, ...]:
-    """:meth:`MultiLevelReversibleFunction.run` for callers that hold valid steps and their
-    :func:`_level_tensors` already (one module traversal per call instead of two)."""
-    return MultiLevelReversibleFunction.apply((steps, found), len(states), bool(preserve_rng), monitor, x,
-                                              *states, *params)
+        found, all_params = chain_tensors(steps) if tensors is None else tensors
+        return MultiLevelReversibleFunction.apply((list(steps), found), len(states), bool(preserve_rng), monitor, x,
+                                                  *states, *(all_params if params is None else params))
 
 
 def _exact_grads(ctx, x: Tensor, grad_outs: Sequence[Tensor | None], need_x: bool
@@ -559,10 +555,10 @@ def _exact_grads(ctx, x: Tensor, grad_outs: Sequence[Tensor | None], need_x: boo
 
 def collect_params(steps: Sequence[ReversibleStep]) -> list[Tensor]:
     """Distinct parameters of every level function and every tensor alpha of ``steps``."""
-    return _level_tensors(steps)[1]
+    return chain_tensors(steps)[1]
 
 
-def _level_tensors(steps: Sequence[ReversibleStep]) -> tuple[list, list[Tensor]]:
+def chain_tensors(steps: Sequence[ReversibleStep]) -> tuple[list, list[Tensor]]:
     """Per step, each level's parameters and the step's buffers (:func:`_params_and_buffers`), and the
     distinct parameters and tensor alphas of all steps (:func:`collect_params`), from one traversal. The
     order is that of ``f.parameters()`` for each level function, then the step's alphas."""

@@ -57,16 +57,22 @@ def peer_result(name: str, baseline: Callable[[], object], peer: Callable[[], ob
     """
     if peer is None:
         return {"name": name, "status": "not installed"}
-    r = compare_steps(baseline, peer, repeats=repeats)
-    _measured.pop()  # the peer's timing is not the benchmark's own spread
+    r = compare_aside(baseline, peer, repeats=repeats)
     out = {"name": name, "status": "ok", "ratio": r.ratio, "ms": r.candidate_s * 1e3,
            "ours_vs_peer": ours_ratio / r.ratio if r.ratio > 0 else float("inf"),
            "ratio_min": r.extra["ratio_min"], "ratio_max": r.extra["ratio_max"]}
     if ours is not None:
-        d = compare_steps(peer, ours, repeats=repeats)
-        _measured.pop()
+        d = compare_aside(peer, ours, repeats=repeats)
         out.update({"direct": d.ratio, "direct_min": d.extra["ratio_min"], "direct_max": d.extra["ratio_max"]})
     return out
+
+
+def compare_aside(baseline: Callable[[], object], candidate: Callable[[], object], *, repeats: int) -> BenchResult:
+    """:func:`compare_steps` for a side measurement (a peer, a variant): its pairs do not count in the
+    benchmark's own spread."""
+    r = compare_steps(baseline, candidate, repeats=repeats)
+    _measured.pop()
+    return r
 
 
 def set_clock(name: str) -> str:

@@ -33,8 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from .._validate import integer
-from ..functional.reversible import (DriftMonitor, MultiLevelReversibleFunction, ReversibleStep, _apply,
-                                     _level_tensors, bn_state_guard, collect_params, invert_steps, run_steps)
+from ..functional.reversible import (DriftMonitor, MultiLevelReversibleFunction, ReversibleStep, bn_state_guard,
+                                     chain_tensors, collect_params, invert_steps, run_steps)
 
 __all__ = [
     "ReversibleStep", "MultiLevelReversibleFunction", "run_steps", "invert_steps",
@@ -130,9 +130,10 @@ def _coupled_forward(blocks: Sequence[ReversibleBlock], x: Tensor, dim: int, rev
                      preserve_rng: bool, monitor: DriftMonitor | None = None) -> Tensor:
     x1, x2 = _halves(x, dim)
     steps = [b.step() for b in blocks]
-    found, params = _level_tensors(steps) if reversible and torch.is_grad_enabled() else (None, [])
-    if found is not None and (x.requires_grad or any(p.requires_grad for p in params)):
-        outs = _apply(steps, found, None, [x1, x2], params, preserve_rng, monitor)
+    tensors = chain_tensors(steps) if reversible and torch.is_grad_enabled() else None
+    if tensors is not None and (x.requires_grad or any(p.requires_grad for p in tensors[1])):
+        outs = MultiLevelReversibleFunction.run(steps, None, [x1, x2], preserve_rng=preserve_rng, monitor=monitor,
+                                                tensors=tensors)
     else:
         outs = run_steps(steps, None, [x1, x2])
     return torch.cat(list(outs), dim=dim)

@@ -23,7 +23,7 @@ from torch import nn
 
 from ...nn import ReversibleBlock, ReversibleSequential
 from ...testing import RetainedBytesMeter
-from ..bench import (Benchmark, BenchResult, _measured, compare_steps, forward_saved_bytes, import_peer,
+from ..bench import (Benchmark, BenchResult, compare_aside, compare_steps, forward_saved_bytes, import_peer,
                      peer_result, peers_enabled, register_benchmark)
 
 STACKS = {"mlp": (64, 256), "conv": (16, 16)}  # (batch, width or channels per half)
@@ -98,8 +98,7 @@ def _runner(kind: str, depth: int):
             if peer is not None:  # the same work as revlib's: RNG states kept, no drift check
                 same = ReversibleSequential(*[ReversibleBlock(f, g, split_dim=1) for f, g in
                                               zip(copy.deepcopy(fs), copy.deepcopy(gs))], drift_tol=None)
-                d = compare_steps(peer, _step(same, x), repeats=repeats)
-                _measured.pop()
+                d = compare_aside(peer, _step(same, x), repeats=repeats)
                 extra.update({"vs_revlib_drift_check_off": d.ratio, "vs_revlib_drift_check_off_min": d.extra["ratio_min"],
                               "vs_revlib_drift_check_off_max": d.extra["ratio_max"]})
         return BenchResult(res.baseline_s, res.candidate_s, extra=extra)
