@@ -465,3 +465,92 @@ void gk_pair_norms(const float *table, int64_t d, const int64_t *i, const int64_
         out[p] = sqrtf(acc);
     }
 }
+
+static inline void gk_prefetch_row(const float *row, int64_t d) {
+    for (int64_t off = 0; off < d * (int64_t)sizeof(float); off += 64)
+        __builtin_prefetch((const char *)row + off);
+}
+
+static float gk_dot(const float *a, const float *b, int64_t d) {
+    float lane[8] = {0};
+    int64_t c = 0;
+    for (; c + 8 <= d; c += 8)
+        for (int l = 0; l < 8; ++l)
+            lane[l] += a[c + l] * b[c + l];
+    float acc = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+    for (; c < d; ++c)
+        acc += a[c] * b[c];
+    return acc;
+}
+
+/* MoCHi's synthetic logits without the synthetic vectors (see gradkit.functional.mixed_logits). Per query b
+ * (B of them; lneg: B x K similarities q.n; keys: K x d; q: B x d), s type-1 mixes of keys i, j with weights
+ * alpha and s2 type-2 mixes of q with keys j2 with weights beta:
+ *   out = (alpha c_i + (1 - alpha) c_j) / ||alpha n_i + (1 - alpha) n_j||
+ *   out = (beta q.q + (1 - beta) c_j2) / ||beta q + (1 - beta) n_j2||
+ * each norm floored at 1e-12; the norms go to norm (B x (s + s2), as out). */
+void gk_mix_logits_fwd(const float *lneg, int64_t B, int64_t K, const float *keys, int64_t d, const float *q,
+                       const int64_t *i, const int64_t *j, const float *alpha, int64_t s, const int64_t *j2,
+                       const float *beta, int64_t s2, float *out, float *norm) {
+    for (int64_t b = 0; b < B; ++b) {
+        const float *row = lneg + b * K, *qb = q + b * d;
+        float qq = gk_dot(qb, qb, d);
+        float *o = out + b * (s + s2), *nm = norm + b * (s + s2);
+        for (int64_t t = 0; t < s; ++t) {
+            int64_t ii = i[b * s + t], jj = j[b * s + t];
+            if (t + 8 < s) {  /* the rows of the mix eight ahead, fetched while this one computes */
+                gk_prefetch_row(keys + i[b * s + t + 8] * d, d);
+                gk_prefetch_row(keys + j[b * s + t + 8] * d, d);
+            }
+            float a = alpha[b * s + t];
+            float n1;
+            gk_pair_norms(keys, d, &ii, &jj, &a, 1, &n1);
+            n1 = n1 > 1e-12f ? n1 : 1e-12f;
+            o[t] = (a * row[ii] + (1.0f - a) * row[jj]) / n1;
+            nm[t] = n1;
+        }
+        for (int64_t t = 0; t < s2; ++t) {
+            int64_t jj = j2[b * s2 + t];
+            float bt = beta[b * s2 + t], c = row[jj], b2 = 1.0f - bt;
+            const float *n = keys + jj * d;
+            float sq = gk_dot(n, n, d);
+            float v = bt * bt * qq + b2 * b2 * sq + 2.0f * bt * b2 * c;
+            float n2 = sqrtf(v > 0.0f ? v : 0.0f);
+            n2 = n2 > 1e-12f ? n2 : 1e-12f;
+            o[s + t] = (bt * qq + b2 * c) / n2;
+            nm[s + t] = n2;
+        }
+    }
+}
+
+/* The gradient in q of gk_mix_logits_fwd's outputs for upstream g (B x (s + s2)), the norms held constant:
+ * dq_b += sum_t g/norm (alpha n_i + (1 - alpha) n_j) + sum_t g/norm ((1 - beta) n_j2 + beta q_b). */
+void gk_mix_logits_bwd(const float *g, const float *norm, const float *keys, int64_t d, const float *q,
+                       const int64_t *i, const int64_t *j, const float *alpha, int64_t s, const int64_t *j2,
+                       const float *beta, int64_t s2, int64_t B, float *dq) {
+    for (int64_t b = 0; b < B; ++b) {
+        const float *gb = g + b * (s + s2), *nm = norm + b * (s + s2), *qb = q + b * d;
+        float *db = dq + b * d, qcoef = 0.0f;
+        for (int64_t t = 0; t < s; ++t) {
+            if (t + 8 < s) {
+                gk_prefetch_row(keys + i[b * s + t + 8] * d, d);
+                gk_prefetch_row(keys + j[b * s + t + 8] * d, d);
+            }
+            float w = gb[t] / nm[t], a = alpha[b * s + t];
+            const float *ni = keys + i[b * s + t] * d, *nj = keys + j[b * s + t] * d;
+            float wi = w * a, wj = w * (1.0f - a);
+            for (int64_t c = 0; c < d; ++c)
+                db[c] += wi * ni[c] + wj * nj[c];
+        }
+        for (int64_t t = 0; t < s2; ++t) {
+            float w = gb[s + t] / nm[s + t], bt = beta[b * s2 + t];
+            const float *nj = keys + j2[b * s2 + t] * d;
+            float wj = w * (1.0f - bt);
+            qcoef += w * bt;
+            for (int64_t c = 0; c < d; ++c)
+                db[c] += wj * nj[c];
+        }
+        for (int64_t c = 0; c < d; ++c)
+            db[c] += qcoef * qb[c];
+    }
+}

@@ -43,6 +43,8 @@ _SIGNATURES = {
     "gk_probe_drift": [_p, _p, _p, _i64],
     "gk_rows_topk": [_p, _i64, _i64, _i64, _p, _p],
     "gk_pair_norms": [_p, _i64, _p, _p, _p, _i64, _p],
+    "gk_mix_logits_fwd": [_p, _i64, _i64, _p, _i64, _p, _p, _p, _p, _i64, _p, _p, _i64, _p, _p],
+    "gk_mix_logits_bwd": [_p, _p, _p, _i64, _p, _p, _p, _p, _i64, _p, _p, _i64, _i64, _p],
     "gk_group_minmax": [_p, _i64, _i64, _i64, _p, _p],
     "gk_quantize_u8": [_p, _p, _i64, _i64, _i64, _p, _p, _f32, _f32, _u64, _int],
     "gk_pack_u8": [_p, _p, _i64, _i64, _i64, _p, _p, _p, _int, _f32, _p, _p, _f32, _f32, _u64, _int],

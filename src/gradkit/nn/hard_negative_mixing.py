@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _native
+from ..functional import mixed_logits as _fused
 from .._validate import ArgumentError, nonneg_int, optional_generator, positive, positive_int, real_in, tensor
 
 __all__ = ["hard_negative_mix", "queue_logits", "queue_info_nce_loss", "InfoNCEWithMixing"]
@@ -129,6 +130,8 @@ def _mixed_logits(q: Tensor, keys: Tensor, l_neg: Tensor, n_hard: int, s: int, s
     """
     sim = l_neg.detach()
     i, j, alpha, j2, beta = _draw(sim, n_hard, s, s_prime, beta_max, generator)
+    if _fused.usable(q, sim, keys):  # the same logits and gradient in one native call each way
+        return _fused.mixed_logits(q, sim, keys, i, j, alpha, j2, beta)
     with torch.no_grad():
         norm1 = _mix_norms(keys, i, j, alpha)
         sq2 = keys.index_select(0, j2.reshape(-1)).pow(2).sum(1).view(j2.shape)  # ||n_j||^2
