@@ -42,7 +42,6 @@ _SIGNATURES = {
     "gk_all_finite": [_p, _i64],
     "gk_probe_drift": [_p, _p, _p, _i64],
     "gk_rows_topk": [_p, _i64, _i64, _i64, _p, _p],
-    "gk_pair_norms": [_p, _i64, _p, _p, _p, _i64, _p],
     "gk_mix_logits_fwd": [_p, _i64, _i64, _p, _i64, _p, _p, _p, _p, _i64, _p, _p, _i64, _p, _p],
     "gk_mix_logits_bwd": [_p, _p, _p, _i64, _p, _p, _p, _p, _i64, _p, _p, _i64, _i64, _p],
     "gk_group_minmax": [_p, _i64, _i64, _i64, _p, _p],

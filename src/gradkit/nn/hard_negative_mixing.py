@@ -105,11 +105,6 @@ def _mix_norms(table: Tensor, i: Tensor, j: Tensor, w: Tensor) -> Tensor:
     at (128, 1024) pairs of 128-d keys)."""
     fi, fj, fw = i.reshape(-1), j.reshape(-1), w.reshape(-1, 1)
     out = torch.empty(fi.shape, dtype=table.dtype, device=table.device)
-    lib = _native.native() if table.dtype == torch.float32 == w.dtype and table.dim() == 2 else None
-    if lib is not None and _native.usable(table, fi, fj, fw, out) and fi.dtype == fj.dtype == torch.long:
-        lib.gk_pair_norms(table.data_ptr(), table.shape[1], fi.data_ptr(), fj.data_ptr(), fw.data_ptr(), len(fi),
-                          out.data_ptr())  # the rows read in place, none gathered
-        return out.view(i.shape)
     block = max(1, _PAIR_BLOCK // table.shape[1])
     for a in range(0, len(fi), block):  # a few blocks of pairs (one for the digits claim, 256 at ImageNet-100's)
         b = slice(a, a + block)
