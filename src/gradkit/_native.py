@@ -85,9 +85,14 @@ def _cpu_id() -> bytes:
     return ident
 
 
+# -fno-math-errno keeps fabsf inline; -fno-trapping-math lets branch-free selects between floats vectorise (no
+# kernel reads the floating-point exception flags); no -ffast-math: NaN and inf keep their meaning and sums
+# their order
+_FLAGS = ["-O3", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math"]
+
+
 def _compile(compiler: str, source: bytes, out: str, flags: list[str]) -> bool:
-    # -fno-math-errno keeps fabsf inline; no -ffast-math: NaN and inf keep their meaning
-    cmd = [compiler, "-O3", "-fPIC", "-shared", "-fno-math-errno", *flags, "-x", "c", "-", "-o", out]
+    cmd = [compiler, *_FLAGS, *flags, "-x", "c", "-", "-o", out]
     try:
         return subprocess.run(cmd, input=source, capture_output=True, timeout=120).returncode == 0
     except (OSError, subprocess.SubprocessError):
@@ -98,7 +103,7 @@ def _build(source: bytes) -> Path | None:
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
         return None
-    tag = hashlib.sha256(source + b"\0" + compiler.encode() + b"\0" + _cpu_id()).hexdigest()[:16]
+    tag = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(_FLAGS).encode(), _cpu_id()])).hexdigest()[:16]
     out_dir = cache_dir() / "native"
     lib = out_dir / f"gradkit_native_{tag}.so"
     if lib.exists():
