@@ -59,8 +59,11 @@ class MemoryQueue(nn.Module):
                                 f"got shape {tuple(keys.shape)}")
         keys = F.normalize(keys.detach()[-self.size:], dim=1).to(self.keys)
         b = keys.shape[0]
-        idx = (self.ptr + torch.arange(b, device=self.keys.device)) % self.size
-        self.keys[idx] = keys
+        if self.ptr + b <= self.size:  # no wrap: one slice copy
+            self.keys[self.ptr:self.ptr + b] = keys
+        else:
+            idx = (self.ptr + torch.arange(b, device=self.keys.device)) % self.size
+            self.keys[idx] = keys
         self.ptr = (self.ptr + b) % self.size
         self.filled = min(self.size, self.filled + b)
 
@@ -83,7 +86,7 @@ def momentum_update(online: nn.Module, target: nn.Module, m: float) -> None:
     if len(po) != len(pt) or any(a.shape != b.shape for a, b in zip(po, pt)):
         raise ArgumentError("online and target must have the same parameter shapes, got "
                             f"{[tuple(p.shape) for p in po]} and {[tuple(p.shape) for p in pt]}")
-    for a, b in zip(po, pt):
-        b.lerp_(a, 1.0 - m)
+    if pt:
+        torch._foreach_lerp_(pt, po, 1.0 - m)  # one call for all parameters (a per-tensor loop on any device mix)
     for bo, bt in zip(online.buffers(), target.buffers()):
         bt.copy_(bo)
