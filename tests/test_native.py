@@ -301,29 +301,151 @@ def test_rows_topk_selects_the_largest_per_row(rows, n, k, torch_path):
 
 
 @needs_native
-def test_fused_mixed_logits_equal_the_formula():
-    """Same draws fed to both paths: logits and q-gradient agree to float32 rounding."""
+def test_rows_topk_when_the_sample_misleads():
+    """A row whose strided sample holds its largest entries puts the sampled threshold too high: the selection
+    falls back to the whole row and stays exact."""
+    from gradkit.nn.hard_negative_mixing import _hardest
+
+    x = torch.randn(2, 4096, generator=torch.Generator().manual_seed(0))
+    x[:, ::16] += 100.0  # the 256 sampled entries
+    idx = _hardest(x, 512)
+    want = torch.topk(x, 512, dim=1).values.sort(dim=1).values
+    torch.testing.assert_close(x.gather(1, idx).sort(dim=1).values, want, rtol=0, atol=0)
+
+
+def _info_nce_case(B, K, d, seed=1):
     import torch.nn.functional as F
 
-    from gradkit.functional.mixed_logits import mixed_logits
-
-    g = torch.Generator().manual_seed(1)
-    B, K, d, s, s2 = 6, 50, 16, 7, 3
+    g = torch.Generator().manual_seed(seed)
     keys = F.normalize(torch.randn(K, d, generator=g), dim=1)
-    q = F.normalize(torch.randn(B, d, generator=g), dim=1).requires_grad_()
-    i, j, j2 = (torch.randint(0, K, (B, n), generator=g) for n in (s, s, s2))
-    alpha, beta = torch.rand(B, s, generator=g), 0.5 * torch.rand(B, s2, generator=g)
-    up = torch.randn(B, s + s2, generator=g)
-    got = mixed_logits(q, (q @ keys.T).detach(), keys, i, j, alpha, j2, beta)
-    (got * up).sum().backward()
-    g_native, q.grad = q.grad, None
-    # reference: the synthetic vectors built explicitly, held constant (no gradient through them)
+    q_raw = torch.randn(B, d, generator=g)
+    k = 3 * torch.randn(B, d, generator=g)  # normalised by the loss
+    return q_raw, k, keys
+
+
+def _info_nce_reference(q_raw, k, keys, draws, tau):
+    """float64, with the synthetic vectors built explicitly and held constant (no gradient through them)."""
+    import torch.nn.functional as F
+
+    q_raw, keys = q_raw.double(), keys.double()
+    k = F.normalize(k.double(), dim=1)
+    i, j, alpha, j2, beta = (t.double() if t.is_floating_point() else t for t in draws)
+    q_raw = q_raw.clone().requires_grad_()
+    q = F.normalize(q_raw, dim=1)
     with torch.no_grad():
         h1 = alpha[..., None] * keys[i] + (1 - alpha[..., None]) * keys[j]
         h2 = beta[..., None] * q[:, None] + (1 - beta[..., None]) * keys[j2]
         h = torch.cat([h1, h2], dim=1)
         h = h / h.norm(dim=2, keepdim=True).clamp_min(1e-12)
-    want = torch.einsum("bd,bsd->bs", q, h)
-    (want * up).sum().backward()
-    torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(g_native, q.grad, rtol=1e-5, atol=1e-6)
+    syn = torch.einsum("bd,bsd->bs", q, h)
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ keys.T, syn], dim=1) / tau
+    loss = F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long))
+    loss.backward()
+    return loss.detach(), syn.detach(), q_raw.grad
+
+
+def _fused_info_nce(q_raw, k, keys, tau, mixing):
+    import torch.nn.functional as F
+
+    from gradkit.functional.queue_info_nce import queue_info_nce
+
+    q_raw = q_raw.clone().requires_grad_()
+    q = F.normalize(q_raw, dim=1)
+    out = queue_info_nce(q, k, q @ keys.T, keys, tau, mixing)
+    out.loss.backward()
+    return out, q_raw.grad, q.detach()
+
+
+@needs_native
+@pytest.mark.parametrize("B,K,d,n_hard,s,s2,tau", [(6, 50, 16, 10, 7, 3, 0.2), (4, 300, 32, 1, 0, 0, 0.07),
+                                                   (3, 4099, 24, 300, 40, 9, 0.1), (5, 64, 8, 64, 5, 0, 1.0),
+                                                   (5, 64, 8, 1, 0, 4, 0.5)])
+def test_fused_queue_info_nce_equals_the_formula(B, K, d, n_hard, s, s2, tau):
+    """Given the draws it made: loss, synthetic logits and the gradient of the raw (unnormalised) queries agree
+    with a float64 reference that builds the synthetic negatives as constant vectors."""
+    import torch.nn.functional as F
+
+    from gradkit.functional.queue_info_nce import Mixing
+
+    q_raw, k, keys = _info_nce_case(B, K, d)
+    mixing = Mixing(n_hard, s, s2, 0.5, torch.Generator().manual_seed(2)) if s + s2 else None
+    out, grad, q = _fused_info_nce(q_raw, k, keys, tau, mixing)
+    draws = out.draws or tuple(torch.empty(B, 0, dtype=t) for t in (torch.long, torch.long, torch.float32,
+                                                                      torch.long, torch.float32))
+    want_loss, want_syn, want_grad = _info_nce_reference(q_raw, k, keys, draws, tau)
+    assert out.loss.dtype == torch.float32 and out.loss.dim() == 0 and not out.synthetic.requires_grad
+    torch.testing.assert_close(out.pos.double(), (q * F.normalize(k, dim=1)).sum(1).double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss.double(), want_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.synthetic.double(), want_syn, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=1e-6)
+
+
+@needs_native
+@pytest.mark.parametrize("K,n_hard", [(64, 8), (4096, 256), (4096, 2048)])
+def test_fused_draws_come_from_the_hardest_keys_uniformly(K, n_hard):
+    """The mixed keys are among each query's n_hard most similar, every one of them is drawn about equally
+    often, alpha ~ U(0, 1) and beta ~ U(0, beta_max); a seeded generator fixes the draws, another seed changes
+    them."""
+    from gradkit.functional.queue_info_nce import Mixing
+
+    B, d, s, s2 = 4, 16, 4000, 2000
+    q_raw, k, keys = _info_nce_case(B, K, d, seed=5)
+    draws = []
+    for seed in (7, 7, 8):
+        out, _, q = _fused_info_nce(q_raw, k, keys, 0.2, Mixing(n_hard, s, s2, 0.3, torch.Generator().manual_seed(seed)))
+        draws.append(out.draws)
+    for a, b in zip(draws[0], draws[1]):
+        assert torch.equal(a, b)
+    assert not torch.equal(draws[0].i, draws[2].i) and not torch.equal(draws[0].alpha, draws[2].alpha)
+    i, j, alpha, j2, beta = draws[0]
+    top = (q @ keys.T).topk(n_hard, dim=1).indices
+    member = torch.zeros(B, K, dtype=torch.bool).scatter_(1, top, True)
+    for idx in (i, j, j2):
+        assert bool(member.gather(1, idx).all())
+    counts = torch.zeros(B, K).scatter_add_(1, torch.cat([i, j, j2], 1), torch.ones(B, 2 * s + s2))
+    expect = (2 * s + s2) / n_hard
+    assert float(counts.sum(1).min()) == 2 * s + s2
+    # every hard key drawn, none far more often than chance (binomial counts: 6 standard deviations)
+    assert bool((counts.gather(1, top) > 0).all()) or expect < 5
+    assert float(counts.max()) <= expect + 6 * expect ** 0.5 + 3
+    assert 0 <= float(alpha.min()) and float(alpha.max()) < 1 and abs(float(alpha.mean()) - 0.5) < 0.02
+    assert 0 <= float(beta.min()) and float(beta.max()) < 0.3 and abs(float(beta.mean()) - 0.15) < 0.01
+
+
+@needs_native
+def test_fused_queue_info_nce_wide_logits_and_nan():
+    """Logits spread over hundreds (tau = 0.005): the native exponential underflows to 0 where float32 does and
+    keeps the loss to float32 rounding; a NaN query gives a NaN loss, as the PyTorch path does."""
+    from gradkit.functional.queue_info_nce import Mixing, queue_info_nce
+
+    q_raw, k, keys = _info_nce_case(4, 500, 16, seed=3)
+    out, grad, q = _fused_info_nce(q_raw, k, keys, 0.005, Mixing(50, 6, 2, 0.5, torch.Generator().manual_seed(0)))
+    want_loss, _, want_grad = _info_nce_reference(q_raw, k, keys, out.draws, 0.005)
+    torch.testing.assert_close(out.loss.double(), want_loss, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=1e-3)
+    q[1, 0] = float("nan")
+    assert torch.isnan(queue_info_nce(q, k, q @ keys.T, keys, 0.2).loss)
+
+
+@needs_native
+def test_module_native_and_pytorch_paths_agree_without_mixing(torch_path):
+    """Plain MoCo (no draws, so both paths see the same logits): loss, gradient and diagnostics agree."""
+    from gradkit.nn.hard_negative_mixing import InfoNCEWithMixing
+
+    q_raw, k, keys = _info_nce_case(16, 1000, 32, seed=4)
+    out = []
+    for ctx in (torch_path, None):
+        q = q_raw.clone().requires_grad_()
+        fn = InfoNCEWithMixing(tau=0.1, s=0, s_prime=0)
+        if ctx is None:
+            loss = fn(q, k, keys)
+        else:
+            with ctx():
+                loss = fn(q, k, keys)
+        loss.backward()
+        out.append((loss.detach(), q.grad, fn.last_stats))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[0][1], out[1][1], rtol=1e-4, atol=1e-7)
+    assert out[0][2] == pytest.approx(out[1][2], rel=1e-4, abs=1e-6)
+
+

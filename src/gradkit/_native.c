@@ -389,81 +389,133 @@ double gk_probe_drift(const float *x, const int64_t *idx, const float *ref, int6
     return (double)num / (den > 1.17549435e-38f ? (double)den : 1.17549435e-38);
 }
 
-/* The k largest entries of each row of x (rows x n, contiguous; 1 <= k <= n), by value: their column indices
- * in increasing order to out (rows x k; rows of fewer than 2^31 entries). A radix selection on the
- * order-preserving keys of the values finds each row's k-th largest (its first digit over the whole row, the
- * next ones over the entries that share the digits found so far, compacted into scratch: 2 n words); the
- * entries above it and the first ones equal to it make k (NaN ranks above inf, as in torch.topk). */
-void gk_rows_topk(const float *x, int64_t rows, int64_t n, int64_t k, uint32_t *scratch, int64_t *out) {
-    /* four 8-bit digits: a 1 kB histogram to clear per digit, which short rows (MoCHi's K = 256) need */
-    static const int shift[4] = {24, 16, 8, 0};
-    int32_t hist[256];
-    uint32_t *keys = scratch, *cand = scratch + n;
-    for (int64_t r = 0; r < rows; ++r) {
-        const float *row = x + r * n;
-        for (int64_t i = 0; i < n; ++i)
-            keys[i] = (uint32_t)gk_key(row[i]) ^ 0x80000000u;
-        const uint32_t *src = keys;
-        int64_t m = n, need = k;
-        uint32_t prefix = 0;
-        for (int p = 0; p < 4; ++p) {
-            uint32_t dm = 255;
-            memset(hist, 0, sizeof hist);
-            for (int64_t i = 0; i < m; ++i)
-                hist[(src[i] >> shift[p]) & dm]++;
-            uint32_t d = dm;
-            int64_t cum = 0;
-            while (d > 0 && cum + hist[d] < need)
-                cum += hist[d--];
-            need -= cum;
-            prefix |= d << shift[p];
-            if (p < 3) {  /* keep the entries with this digit for the next one */
-                int64_t c = 0;
-                for (int64_t i = 0; i < m; ++i) {
-                    cand[c] = src[i];
-                    c += ((src[i] >> shift[p]) & dm) == d;
-                }
-                src = cand;
-                m = c;
-            }
+/* The k-th largest of m unsigned keys (1 <= k <= m) by a radix selection over four 8-bit digits (the first over
+ * all keys, the next ones over those that share the digits found so far, compacted into work: m words; two
+ * 1 kB histograms, so that runs of one digit do not chain their increments), finished by an insertion sort
+ * once at most 32 keys are left; *need: how many keys equal to it belong to the k largest. */
+static uint32_t gk_kth_key(const uint32_t *keys, int64_t m, int64_t k, uint32_t *work, int64_t *need) {
+    int32_t hist[2][256];
+    const uint32_t *src = keys;
+    uint32_t prefix = 0, mask = 0;  /* the digits found so far, and their bits */
+    for (int shift = 24; shift >= 0 && m > 32; shift -= 8) {
+        memset(hist, 0, sizeof hist);
+        uint32_t top = 0;
+        int64_t i = 0;
+        for (; i + 2 <= m; i += 2) {
+            uint32_t a = (src[i] >> shift) & 255u, b = (src[i + 1] >> shift) & 255u;
+            hist[0][a]++;
+            hist[1][b]++;
+            top = a > top ? a : top;
+            top = b > top ? b : top;
         }
-        /* prefix: the k-th largest key; need: how many entries equal to it belong to the k */
-        int64_t *o = out + r * k, j = 0;
-        for (int64_t i = 0; i < n && j < k; ++i) {
-            uint32_t b = keys[i];
-            if (b > prefix || (b == prefix && need-- > 0))
-                o[j++] = i;
+        if (i < m) {
+            uint32_t a = (src[i] >> shift) & 255u;
+            hist[0][a]++;
+            top = a > top ? a : top;
         }
+        uint32_t d = top;
+        int64_t cum = 0;
+        while (d > 0 && cum + hist[0][d] + hist[1][d] < k) {
+            cum += hist[0][d] + hist[1][d];
+            --d;
+        }
+        k -= cum;
+        prefix |= d << shift;
+        mask |= 255u << shift;
+        int64_t c = 0;  /* keep the keys with this digit */
+        for (i = 0; i < m; ++i) {
+            work[c] = src[i];
+            c += ((src[i] >> shift) & 255u) == d;
+        }
+        src = work;
+        m = c;
+    }
+    if (mask != 0xffffffffu) {  /* at most 32 keys share the digits found: sort them, largest first */
+        uint32_t v[32];
+        int64_t n = 0;
+        for (int64_t i = 0; i < m; ++i) {
+            uint32_t x = src[i];
+            int64_t p = n++;
+            for (; p > 0 && v[p - 1] < x; --p)
+                v[p] = v[p - 1];
+            v[p] = x;
+        }
+        prefix = v[k - 1];
+        int64_t above = 0;
+        while (v[above] > prefix)
+            ++above;
+        k -= above;
+    }
+    *need = k;
+    return prefix;
+}
+
+static inline uint32_t gk_ukey(float f) {
+    return (uint32_t)gk_key(f) ^ 0x80000000u;
+}
+
+/* The k largest entries of row (n of them, 1 <= k <= n), by value: their column indices in increasing order
+ * to o. On long rows with k <= n / 4 a threshold from a strided sample of 256 entries (its r-th largest, r
+ * well above the expected k 256 / n) keeps about 2.5 k candidates in one pass, and the selection runs on
+ * them; when fewer than k pass (rare, or a row ordered against the sample), on the whole row. scratch: 3 n
+ * words. */
+static void gk_row_topk(const float *row, int64_t n, int64_t k, uint32_t *scratch, int64_t *o) {
+    uint32_t *keys = scratch, *cols = scratch + n, *work = scratch + 2 * n;
+    int64_t m = 0;
+    if (n >= 2048 && 4 * k <= n) {
+        const int64_t ns = 256;
+        double expect = (double)k * ns / (double)n;
+        int64_t r = (int64_t)(expect + 4.0 * sqrt(expect) + 8.0), unused;
+        for (int64_t t = 0; t < ns; ++t)
+            keys[t] = gk_ukey(row[t * n / ns]);
+        uint32_t thr = gk_kth_key(keys, ns, r < ns ? r : ns, work, &unused);
+        for (int64_t c = 0; c < n; ++c) {
+            uint32_t kv = gk_ukey(row[c]);
+            keys[m] = kv;
+            cols[m] = (uint32_t)c;
+            m += kv >= thr;
+        }
+    }
+    if (m < k) {  /* no sample, or too few above its threshold: the whole row */
+        for (int64_t c = 0; c < n; ++c) {
+            keys[c] = gk_ukey(row[c]);
+            cols[c] = (uint32_t)c;
+        }
+        m = n;
+    }
+    int64_t need;
+    uint32_t kth = gk_kth_key(keys, m, k, work, &need);
+    /* the entries above the k-th largest and the first ones equal to it make k (NaN ranks above inf, as in
+     * torch.topk) */
+    for (int64_t c = 0, got = 0; c < m && got < k; ++c) {
+        uint32_t kv = keys[c];
+        if (kv > kth || (kv == kth && need-- > 0))
+            o[got++] = cols[c];
     }
 }
 
-/* ||w[p] table[i[p]] + (1 - w[p]) table[j[p]]|| for p < m (table: rows of d floats), reading the rows in place. */
-void gk_pair_norms(const float *table, int64_t d, const int64_t *i, const int64_t *j, const float *w, int64_t m,
-                   float *out) {
-    const int64_t ahead = 8;  /* the rows of the pair this far ahead are fetched while this pair computes */
-    for (int64_t p = 0; p < m; ++p) {
-        if (p + ahead < m) {
-            const char *na = (const char *)(table + i[p + ahead] * d), *nb = (const char *)(table + j[p + ahead] * d);
-            for (int64_t off = 0; off < d * (int64_t)sizeof(float); off += 64) {
-                __builtin_prefetch(na + off);
-                __builtin_prefetch(nb + off);
-            }
+/* The k largest entries of each row of x (rows x n, contiguous; rows of fewer than 2^31 entries): see
+ * gk_row_topk; out: rows x k; scratch: 3 n words. */
+void gk_rows_topk(const float *x, int64_t rows, int64_t n, int64_t k, uint32_t *scratch, int64_t *out) {
+    for (int64_t r = 0; r < rows; ++r)
+        gk_row_topk(x + r * n, n, k, scratch, out + r * k);
+}
+
+/* ||w a + (1 - w) b|| for rows a, b of d floats */
+static inline float gk_pair_norm(const float *a, const float *b, float w, int64_t d) {
+    float lane[8] = {0};
+    int64_t c = 0;
+    for (; c + 8 <= d; c += 8)  /* eight partial sums: the compiler vectorises them */
+        for (int l = 0; l < 8; ++l) {
+            float v = b[c + l] + w * (a[c + l] - b[c + l]);
+            lane[l] += v * v;
         }
-        const float *a = table + i[p] * d, *b = table + j[p] * d;
-        float wp = w[p], lane[8] = {0};
-        int64_t c = 0;
-        for (; c + 8 <= d; c += 8)  /* eight partial sums: the compiler vectorises them */
-            for (int l = 0; l < 8; ++l) {
-                float v = b[c + l] + wp * (a[c + l] - b[c + l]);
-                lane[l] += v * v;
-            }
-        float acc = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
-        for (; c < d; ++c) {
-            float v = b[c] + wp * (a[c] - b[c]);
-            acc += v * v;
-        }
-        out[p] = sqrtf(acc);
+    float acc = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+    for (; c < d; ++c) {
+        float v = b[c] + w * (a[c] - b[c]);
+        acc += v * v;
     }
+    return sqrtf(acc);
 }
 
 static inline void gk_prefetch_row(const float *row, int64_t d) {
@@ -483,74 +535,171 @@ static float gk_dot(const float *a, const float *b, int64_t d) {
     return acc;
 }
 
-/* MoCHi's synthetic logits without the synthetic vectors (see gradkit.functional.mixed_logits). Per query b
- * (B of them; lneg: B x K similarities q.n; keys: K x d; q: B x d), s type-1 mixes of keys i, j with weights
+/* MoCHi's synthetic logits of one query without the synthetic vectors (see gradkit.functional.queue_info_nce):
+ * row: its similarities q.n to the K keys (K x d), qb: the query (d), s type-1 mixes of keys i, j with weights
  * alpha and s2 type-2 mixes of q with keys j2 with weights beta:
  *   out = (alpha c_i + (1 - alpha) c_j) / ||alpha n_i + (1 - alpha) n_j||
  *   out = (beta q.q + (1 - beta) c_j2) / ||beta q + (1 - beta) n_j2||
- * each norm floored at 1e-12; the norms go to norm (B x (s + s2), as out). */
-void gk_mix_logits_fwd(const float *lneg, int64_t B, int64_t K, const float *keys, int64_t d, const float *q,
-                       const int64_t *i, const int64_t *j, const float *alpha, int64_t s, const int64_t *j2,
-                       const float *beta, int64_t s2, float *out, float *norm) {
-    for (int64_t b = 0; b < B; ++b) {
-        const float *row = lneg + b * K, *qb = q + b * d;
-        float qq = gk_dot(qb, qb, d);
-        float *o = out + b * (s + s2), *nm = norm + b * (s + s2);
-        for (int64_t t = 0; t < s; ++t) {
-            int64_t ii = i[b * s + t], jj = j[b * s + t];
-            if (t + 8 < s) {  /* the rows of the mix eight ahead, fetched while this one computes */
-                gk_prefetch_row(keys + i[b * s + t + 8] * d, d);
-                gk_prefetch_row(keys + j[b * s + t + 8] * d, d);
-            }
-            float a = alpha[b * s + t];
-            float n1;
-            gk_pair_norms(keys, d, &ii, &jj, &a, 1, &n1);
-            n1 = n1 > 1e-12f ? n1 : 1e-12f;
-            o[t] = (a * row[ii] + (1.0f - a) * row[jj]) / n1;
-            nm[t] = n1;
+ * each norm floored at 1e-12; the norms go to nm (s + s2, as out). */
+static void gk_mix_row(const float *row, const float *keys, int64_t d, const float *qb, const int64_t *i,
+                       const int64_t *j, const float *alpha, int64_t s, const int64_t *j2, const float *beta,
+                       int64_t s2, float *o, float *nm) {
+    float qq = gk_dot(qb, qb, d);
+    for (int64_t t = 0; t < s; ++t) {
+        int64_t ii = i[t], jj = j[t];
+        if (t + 8 < s) {  /* the rows of the mix eight ahead, fetched while this one computes */
+            gk_prefetch_row(keys + i[t + 8] * d, d);
+            gk_prefetch_row(keys + j[t + 8] * d, d);
         }
-        for (int64_t t = 0; t < s2; ++t) {
-            int64_t jj = j2[b * s2 + t];
-            float bt = beta[b * s2 + t], c = row[jj], b2 = 1.0f - bt;
-            const float *n = keys + jj * d;
-            float sq = gk_dot(n, n, d);
-            float v = bt * bt * qq + b2 * b2 * sq + 2.0f * bt * b2 * c;
-            float n2 = sqrtf(v > 0.0f ? v : 0.0f);
-            n2 = n2 > 1e-12f ? n2 : 1e-12f;
-            o[s + t] = (bt * qq + b2 * c) / n2;
-            nm[s + t] = n2;
-        }
+        float a = alpha[t], n1 = gk_pair_norm(keys + ii * d, keys + jj * d, a, d);
+        n1 = n1 > 1e-12f ? n1 : 1e-12f;
+        o[t] = (a * row[ii] + (1.0f - a) * row[jj]) / n1;
+        nm[t] = n1;
+    }
+    for (int64_t t = 0; t < s2; ++t) {
+        int64_t jj = j2[t];
+        float bt = beta[t], c = row[jj], b2 = 1.0f - bt;
+        const float *n = keys + jj * d;
+        float sq = gk_dot(n, n, d);
+        float v = bt * bt * qq + b2 * b2 * sq + 2.0f * bt * b2 * c;
+        float n2 = sqrtf(v > 0.0f ? v : 0.0f);
+        n2 = n2 > 1e-12f ? n2 : 1e-12f;
+        o[s + t] = (bt * qq + b2 * c) / n2;
+        nm[s + t] = n2;
     }
 }
 
-/* The gradient in q of gk_mix_logits_fwd's outputs for upstream g (B x (s + s2)), the norms held constant:
- * dq_b += sum_t g/norm (alpha n_i + (1 - alpha) n_j) + sum_t g/norm ((1 - beta) n_j2 + beta q_b). */
-void gk_mix_logits_bwd(const float *g, const float *norm, const float *keys, int64_t d, const float *q,
-                       const int64_t *i, const int64_t *j, const float *alpha, int64_t s, const int64_t *j2,
-                       const float *beta, int64_t s2, int64_t B, float *dq) {
+/* A draw of the counter-based stream (klo, khi) at counter c, as an index uniform in [0, n). */
+static inline int64_t gk_pick(uint32_t c, uint32_t klo, uint32_t khi, int64_t n) {
+    return (int64_t)(((uint64_t)(gk_hash32(c * 0x9e3779b9U + klo) ^ khi) * (uint64_t)n) >> 32);
+}
+
+/* e^x in float32 for x <= 0 (within 2 ulp; 0 below -87.3, where float32 leaves the normal range; NaN stays
+ * NaN), branch-free so that loops over it vectorise: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor
+ * polynomial of degree 7, 2^n from the exponent bits. */
+static inline float gk_exp_neg(float x) {
+    float t = x * 1.44269504f;
+    t = t < -126.0f ? -126.0f : t;
+    t = t > 0.0f ? 0.0f : t;
+    float n = (t + 12582912.0f) - 12582912.0f;  /* t rounded to the nearest integer */
+    float r = (x - n * 0.693145752f) - n * 1.42860677e-6f;
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    float out = p * scale;
+    return x < -87.3f ? 0.0f : out;
+}
+
+/* max(m, x[0:n] * a), NaN ignored (the exponentials that follow carry it): an integer maximum of the
+ * order-preserving keys, which vectorises. */
+static float gk_scaled_max(const float *x, int64_t n, float a, float m) {
+    int32_t mx = gk_key(m);
+    for (int64_t c = 0; c < n; ++c) {
+        int32_t v = gk_key(x[c] * a);
+        mx = v > mx ? v : mx;
+    }
+    return gk_unkey(mx);
+}
+
+/* sum e^(x[0:n] a - m) */
+static float gk_scaled_expsum(const float *x, int64_t n, float a, float m) {
+    float lane[8] = {0};
+    int64_t c = 0;
+    for (; c + 8 <= n; c += 8)
+        for (int l = 0; l < 8; ++l)
+            lane[l] += gk_exp_neg(x[c + l] * a - m);
+    float acc = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+    for (; c < n; ++c)
+        acc += gk_exp_neg(x[c] * a - m);
+    return acc;
+}
+
+/* MoCo's InfoNCE over the logits [q_b.k_b, lneg_b, syn_b] * inv_tau of each query b (B of them; q, k: B x d, k
+ * normalised here (its norm floored at 1e-12); lneg: B x K similarities to the keys (K x d)) with target 0:
+ * pos[b] = q_b.k_b, lse[b] = the row's
+ * log-sum-exp; the mean loss is returned. With s + s2 > 0, MoCHi's synthetic logits syn_b (B x (s + s2), their
+ * norms to norm) come first, per query with its row of lneg in cache: its N hardest keys (gk_row_topk,
+ * scratch: 3 K words; top: N), the draws from the counter-based stream keyed by seed and b (uniform with
+ * replacement over the N: i, j (B x s), j2 (B x s2); alpha ~ U(0, 1) (B x s); beta ~ U(0, beta_max) (B x s2)),
+ * and the logits (gk_mix_row). */
+double gk_info_nce_fwd(const float *q, const float *k, int64_t d, const float *lneg, int64_t B, int64_t K,
+                       const float *keys, int64_t N, int64_t s, int64_t s2, float beta_max, uint64_t seed,
+                       uint32_t *scratch, int64_t *top, int64_t *i, int64_t *j, float *alpha, int64_t *j2,
+                       float *beta, float *syn, float *norm, float inv_tau, float *pos, float *lse) {
+    int64_t S = s + s2;
+    uint32_t khi = (uint32_t)(seed >> 32), c0 = (uint32_t)s;
+    double loss = 0.0;
     for (int64_t b = 0; b < B; ++b) {
-        const float *gb = g + b * (s + s2), *nm = norm + b * (s + s2), *qb = q + b * d;
-        float *db = dq + b * d, qcoef = 0.0f;
-        for (int64_t t = 0; t < s; ++t) {
-            if (t + 8 < s) {
-                gk_prefetch_row(keys + i[b * s + t + 8] * d, d);
-                gk_prefetch_row(keys + j[b * s + t + 8] * d, d);
+        const float *row = lneg + b * K, *srow = syn + b * S;
+        if (S > 0) {
+            gk_row_topk(row, K, N, scratch, top);
+            uint32_t klo = gk_hash32((uint32_t)b * 0x9e3779b9U + (uint32_t)seed);
+            int64_t *ib = i + b * s, *jb = j + b * s, *j2b = j2 + b * s2;
+            float *ab = alpha + b * s, *bb = beta + b * s2;
+            for (int64_t t = 0; t < s; ++t) {
+                ab[t] = gk_uniform((uint32_t)t, klo, khi);
+                ib[t] = top[gk_pick(c0 + (uint32_t)t, klo, khi, N)];
+                jb[t] = top[gk_pick(2 * c0 + (uint32_t)t, klo, khi, N)];
             }
-            float w = gb[t] / nm[t], a = alpha[b * s + t];
-            const float *ni = keys + i[b * s + t] * d, *nj = keys + j[b * s + t] * d;
-            float wi = w * a, wj = w * (1.0f - a);
-            for (int64_t c = 0; c < d; ++c)
-                db[c] += wi * ni[c] + wj * nj[c];
+            for (int64_t t = 0; t < s2; ++t) {
+                j2b[t] = top[gk_pick(3 * c0 + (uint32_t)t, klo, khi, N)];
+                bb[t] = beta_max * gk_uniform(3 * c0 + (uint32_t)(s2 + t), klo, khi);
+            }
+            gk_mix_row(row, keys, d, q + b * d, ib, jb, ab, s, j2b, bb, s2, syn + b * S, norm + b * S);
         }
+        const float *kb = k + b * d;
+        float kn = sqrtf(gk_dot(kb, kb, d));
+        float p = gk_dot(q + b * d, kb, d) / (kn > 1e-12f ? kn : 1e-12f), zp = p * inv_tau;
+        float m = gk_scaled_max(srow, S, inv_tau, gk_scaled_max(row, K, inv_tau, zp));
+        float sum = gk_exp_neg(zp - m) + gk_scaled_expsum(row, K, inv_tau, m) + gk_scaled_expsum(srow, S, inv_tau, m);
+        pos[b] = p;
+        lse[b] = m + logf(sum);
+        loss += (double)lse[b] - (double)zp;
+    }
+    return loss / (double)B;
+}
+
+/* The gradient of gk_info_nce_fwd's loss for upstream g (already divided by B): into G (B x K, written whole)
+ * the gradient of lneg, plus the synthetic logits' gradient routed to the key columns they mix (type 1: s per
+ * query, keys i, j, weights alpha; type 2: s2, key j2 weight 1 - beta; each divided by its mix's norm, the
+ * norms held constant, see gk_mix_row; S = s + s2); into dq (B x d, written whole) the gradient through
+ * the positive logit and the type-2 mixes' share of q (qd: q without grad). G @ keys is the rest of q's
+ * gradient. */
+void gk_info_nce_bwd(float g, const float *qd, const float *k, int64_t d, const float *pos, const float *lneg,
+                     int64_t B, int64_t K, const float *syn, const float *norm, const float *lse, float inv_tau,
+                     const int64_t *i, const int64_t *j, const float *alpha, int64_t s, const int64_t *j2,
+                     const float *beta, int64_t s2, float *G, float *dq) {
+    float sc = g * inv_tau;
+    int64_t S = s + s2;
+    for (int64_t b = 0; b < B; ++b) {
+        const float *row = lneg + b * K, *srow = syn + b * S, *nm = norm + b * S;
+        float *gr = G + b * K, m = lse[b];
+        for (int64_t c = 0; c < K; ++c)
+            gr[c] = sc * gk_exp_neg(row[c] * inv_tau - m);
+        for (int64_t t = 0; t < s; ++t) {
+            float w = sc * gk_exp_neg(srow[t] * inv_tau - m) / nm[t], a = alpha[b * s + t];
+            gr[i[b * s + t]] += w * a;
+            gr[j[b * s + t]] += w * (1.0f - a);
+        }
+        float qcoef = 0.0f;
         for (int64_t t = 0; t < s2; ++t) {
-            float w = gb[s + t] / nm[s + t], bt = beta[b * s2 + t];
-            const float *nj = keys + j2[b * s2 + t] * d;
-            float wj = w * (1.0f - bt);
+            float w = sc * gk_exp_neg(srow[s + t] * inv_tau - m) / nm[s + t], bt = beta[b * s2 + t];
+            gr[j2[b * s2 + t]] += w * (1.0f - bt);
             qcoef += w * bt;
-            for (int64_t c = 0; c < d; ++c)
-                db[c] += wj * nj[c];
         }
+        const float *qb = qd + b * d, *kb = k + b * d;
+        float kn = sqrtf(gk_dot(kb, kb, d));
+        float gp = sc * (gk_exp_neg(pos[b] * inv_tau - m) - 1.0f) / (kn > 1e-12f ? kn : 1e-12f);
+        float *db = dq + b * d;
         for (int64_t c = 0; c < d; ++c)
-            db[c] += qcoef * qb[c];
+            db[c] = gp * kb[c] + qcoef * qb[c];
     }
 }

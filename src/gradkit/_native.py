@@ -42,15 +42,17 @@ _SIGNATURES = {
     "gk_all_finite": [_p, _i64],
     "gk_probe_drift": [_p, _p, _p, _i64],
     "gk_rows_topk": [_p, _i64, _i64, _i64, _p, _p],
-    "gk_mix_logits_fwd": [_p, _i64, _i64, _p, _i64, _p, _p, _p, _p, _i64, _p, _p, _i64, _p, _p],
-    "gk_mix_logits_bwd": [_p, _p, _p, _i64, _p, _p, _p, _p, _i64, _p, _p, _i64, _i64, _p],
+    "gk_info_nce_fwd": [_p, _p, _i64, _p, _i64, _i64, _p, _i64, _i64, _i64, _f32, _u64, _p, _p, _p, _p, _p, _p, _p,
+                        _p, _p, _f32, _p, _p],
+    "gk_info_nce_bwd": [_f32, _p, _p, _i64, _p, _p, _i64, _i64, _p, _p, _p, _f32, _p, _p, _p, _i64, _p, _p, _i64,
+                        _p, _p],
     "gk_group_minmax": [_p, _i64, _i64, _i64, _p, _p],
     "gk_quantize_u8": [_p, _p, _i64, _i64, _i64, _p, _p, _f32, _f32, _u64, _int],
     "gk_pack_u8": [_p, _p, _i64, _i64, _i64, _p, _p, _p, _int, _f32, _p, _p, _f32, _f32, _u64, _int],
     "gk_dequantize_u8": [_p, _p, _i64, _i64, _i64, _p, _p, _f32, _f32],
 }
 _RETURNS = {"gk_dgc_topk": _i64, "gk_all_finite": _int, "gk_encode_block16": _int,
-            "gk_probe_drift": ctypes.c_double}  # the others return nothing
+            "gk_probe_drift": ctypes.c_double, "gk_info_nce_fwd": ctypes.c_double}  # the others return nothing
 _MISSING = object()
 
 

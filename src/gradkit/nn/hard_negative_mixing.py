@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _native
-from ..functional import mixed_logits as _fused
+from ..functional import queue_info_nce as _fused
 from .._validate import ArgumentError, nonneg_int, optional_generator, positive, positive_int, real_in, tensor
 
 __all__ = ["hard_negative_mix", "queue_logits", "queue_info_nce_loss", "InfoNCEWithMixing"]
@@ -72,7 +72,7 @@ def _hardest(sim: Tensor, n_hard: int) -> Tensor:
     if lib is not None and _native.usable(sim):
         rows, n = sim.shape
         out = torch.empty(rows, n_hard, dtype=torch.long)
-        scratch = torch.empty(2 * n, dtype=torch.int32)
+        scratch = torch.empty(3 * n, dtype=torch.int32)
         lib.gk_rows_topk(sim.data_ptr(), rows, n, n_hard, scratch.data_ptr(), out.data_ptr())
         return out
     return sim.topk(n_hard, dim=1, sorted=False).indices
@@ -125,8 +125,6 @@ def _mixed_logits(q: Tensor, keys: Tensor, l_neg: Tensor, n_hard: int, s: int, s
     """
     sim = l_neg.detach()
     i, j, alpha, j2, beta = _draw(sim, n_hard, s, s_prime, beta_max, generator)
-    if _fused.usable(q, sim, keys):  # the same logits and gradient in one native call each way
-        return _fused.mixed_logits(q, sim, keys, i, j, alpha, j2, beta)
     with torch.no_grad():
         norm1 = _mix_norms(keys, i, j, alpha)
         sq2 = keys.index_select(0, j2.reshape(-1)).pow(2).sum(1).view(j2.shape)  # ||n_j||^2
@@ -241,7 +239,8 @@ class InfoNCEWithMixing(nn.Module):
         self.start_step = nonneg_int("start_step", start_step)
         self.generator = optional_generator(generator)
         self.step = 0
-        self._last: tuple[Tensor, int] | None = None  # (detached logits, K) of the last forward
+        self._last: tuple[list[Tensor], int, float] | None = None  # the last forward's detached logits (before
+        # the temperature: positive, queue, synthetic), K and tau
 
     @property
     def mixing(self) -> bool:
@@ -252,26 +251,38 @@ class InfoNCEWithMixing(nn.Module):
         keys = _queue_tensor(queue)
         _check_queue(q, keys)
         _check_key(q, k)
-        q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+        q = F.normalize(q, dim=1)
         keys = keys.detach().to(q.dtype)
         l_neg = q @ keys.T  # shared by the ranking and the logits
-        parts = [(q * k.detach()).sum(1, keepdim=True), l_neg]
-        if self.mixing:
+        mixing = self.mixing
+        if mixing:
             _check_mix(keys, self.n_hard, self.s, self.s_prime, self.beta_max)
-            parts.append(_mixed_logits(q, keys, l_neg, self.n_hard, self.s, self.s_prime, self.beta_max,
-                                       self.generator))
-        logits = torch.cat(parts, dim=1) / self.tau
+        if _fused.usable(q, k, l_neg, keys):  # one native call each way (k normalised there), no (B, 1 + K + S)
+            # logits built
+            mix = _fused.Mixing(self.n_hard, self.s, self.s_prime, self.beta_max, self.generator) if mixing else None
+            loss, pos, syn, _ = _fused.queue_info_nce(q, k, l_neg, keys, self.tau, mix)
+            parts = [pos[:, None], l_neg.detach(), syn]
+        else:
+            k = F.normalize(k.detach(), dim=1)
+            parts = [(q * k).sum(1, keepdim=True), l_neg]
+            if mixing:
+                parts.append(_mixed_logits(q, keys, l_neg, self.n_hard, self.s, self.s_prime, self.beta_max,
+                                           self.generator))
+            logits = torch.cat(parts, dim=1) / self.tau
+            loss = F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+            parts = [t.detach() for t in parts]
         if self.training:
             self.step += 1
-        self._last = (logits.detach(), keys.shape[0])
-        return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+        self._last = (parts, keys.shape[0], self.tau)
+        return loss
 
     @property
     def last_stats(self) -> dict[str, float]:
         """Diagnostics of the last forward (computed on access; empty before the first forward)."""
         if self._last is None:
             return {}
-        logits, n_queue = self._last
+        parts, n_queue, tau = self._last
+        logits = torch.cat(parts, dim=1) / tau
         p_neg = logits.softmax(1)[:, 1:]
         n_syn = p_neg.shape[1] - n_queue
         neg_mass = p_neg.sum(1).clamp_min(torch.finfo(p_neg.dtype).tiny)

@@ -4,8 +4,11 @@ MoCo step (paper slug: hard-negative-mixing).
 Both steps hold the same weights and see the same two views: query forward, EMA of the key encoder, key
 forward, InfoNCE over [positive, queue] (MoCHi: plus s + s' synthetic negatives per query), backward, Adam, and
 the FIFO enqueue of the keys. The plain step writes each of these by hand in PyTorch; the difference is the
-mixing (top-N of the queue similarities, gathers, normalisation, one batched dot product more) and gradkit's
-argument checks. Three shapes: the claim's digits setting (MLP 64-256-128 + head to 32, K = 256,
+mixing (top-N of the queue similarities, the draws, the mixes' norms, s + s' more logits), gradkit's argument
+checks and gradkit's loss itself: on the CPU in float32 one native Function for the whole InfoNCE
+(gradkit.functional.queue_info_nce) where the plain step runs PyTorch's concatenation, division and
+cross-entropy. ``moco_no_mixing_ratio`` (MLP shapes) times gradkit's step with s = s' = 0 against the same plain
+step, which separates the two. Three shapes: the claim's digits setting (MLP 64-256-128 + head to 32, K = 256,
 MoCHi(32, 32, 8)) and the paper's ImageNet-100 loss setting (K = 16384, MoCHi(1024, 1024, 128), 128-d
 embeddings) on an MLP 784-1024-512 encoder and on a 4-layer CNN over 3x32x32 images (channels 64-128-256-512,
 the conv-encoder regime of the paper, far lighter than its ResNet-50), each with a head to 128.
@@ -18,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..bench import Benchmark, BenchResult, compare_steps, register_benchmark
+from ..bench import Benchmark, BenchResult, compare_aside, compare_steps, register_benchmark
 from ...nn.hard_negative_mixing import InfoNCEWithMixing
 from ...nn.memory_queue import MemoryQueue, momentum_update
 
@@ -103,9 +106,14 @@ def _runner(shape: str):
         keys = F.normalize(torch.randn(size, head[1], generator=gen), dim=1)
         res = compare_steps(_plain_step(copy.deepcopy(model), x1, x2, keys),
                             _mochi_step(copy.deepcopy(model), x1, x2, keys, mix), repeats=repeats)
-        return BenchResult(res.baseline_s, res.candidate_s,
-                           extra={"batch": BATCH, "encoder": list(widths), "head": list(head), "queue": size,
-                                  "mochi": list(mix)})
+        extra = {"batch": BATCH, "encoder": list(widths), "head": list(head), "queue": size, "mochi": list(mix)}
+        if not shape.endswith("cnn"):  # (the CNN step is all encoder: the aside would only double its time)
+            # the same step through gradkit's loss without mixing: what the loss itself gains or costs, apart
+            # from the mixing
+            moco = compare_aside(_plain_step(copy.deepcopy(model), x1, x2, keys),
+                                 _mochi_step(copy.deepcopy(model), x1, x2, keys, (mix[0], 0, 0)), repeats=repeats)
+            extra["moco_no_mixing_ratio"] = round(moco.ratio, 3)
+        return BenchResult(res.baseline_s, res.candidate_s, extra=extra)
 
     return run
 
