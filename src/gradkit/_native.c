@@ -487,10 +487,20 @@ static void gk_row_topk(const float *row, int64_t n, int64_t k, uint32_t *scratc
     uint32_t kth = gk_kth_key(keys, m, k, work, &need);
     /* the entries above the k-th largest and the first ones equal to it make k (NaN ranks above inf, as in
      * torch.topk) */
-    for (int64_t c = 0, got = 0; c < m && got < k; ++c) {
-        uint32_t kv = keys[c];
-        if (kv > kth || (kv == kth && need-- > 0))
-            o[got++] = cols[c];
+    if (4 * k >= m) {  /* many of the entries kept, scattered: without branches */
+        for (int64_t c = 0, got = 0; c < m && got < k; ++c) {
+            uint32_t kv = keys[c];
+            int64_t tie = (kv == kth) & (need > 0);
+            o[got] = cols[c];
+            got += (kv > kth) | tie;
+            need -= tie;
+        }
+    } else {
+        for (int64_t c = 0, got = 0; c < m && got < k; ++c) {
+            uint32_t kv = keys[c];
+            if (kv > kth || (kv == kth && need-- > 0))
+                o[got++] = cols[c];
+        }
     }
 }
 
