@@ -302,14 +302,22 @@ def test_rows_topk_selects_the_largest_per_row(rows, n, k, torch_path):
 
 @needs_native
 def test_rows_topk_when_the_sample_misleads():
-    """A row whose strided sample holds its largest entries puts the sampled threshold too high: the selection
-    falls back to the whole row and stays exact."""
+    """A row whose strided sample holds its largest entries puts the sampled threshold too high, and a row far
+    from normal the short rows' moment threshold: the selection falls back to the whole row and stays exact."""
     from gradkit.nn.hard_negative_mixing import _hardest
 
     x = torch.randn(2, 4096, generator=torch.Generator().manual_seed(0))
     x[:, ::16] += 100.0  # the 256 sampled entries
     idx = _hardest(x, 512)
     want = torch.topk(x, 512, dim=1).values.sort(dim=1).values
+    torch.testing.assert_close(x.gather(1, idx).sort(dim=1).values, want, rtol=0, atol=0)
+    # short rows take a threshold from the row's mean and deviation: a two-valued row puts it above all but the
+    # 16 large entries, fewer than the 60 wanted
+    x = torch.zeros(3, 256)
+    x[:, :16] = 100.0
+    x[:, 16:] += torch.rand(3, 240, generator=torch.Generator().manual_seed(1)) * 1e-3
+    idx = _hardest(x, 60)
+    want = torch.topk(x, 60, dim=1).values.sort(dim=1).values
     torch.testing.assert_close(x.gather(1, idx).sort(dim=1).values, want, rtol=0, atol=0)
 
 

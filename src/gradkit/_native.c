@@ -455,20 +455,47 @@ static inline uint32_t gk_ukey(float f) {
 }
 
 /* The k largest entries of row (n of them, 1 <= k <= n), by value: their column indices in increasing order
- * to o. On long rows with k <= n / 4 a threshold from a strided sample of 256 entries (its r-th largest, r
- * well above the expected k 256 / n) keeps about 2.5 k candidates in one pass, and the selection runs on
- * them; when fewer than k pass (rare, or a row ordered against the sample), on the whole row. scratch: 3 n
- * words. */
+ * to o. Where k <= n / 4 a threshold keeps about 2 to 2.5 k candidates in one pass, and the selection runs on
+ * them: on rows of 2048 entries or more the r-th largest of a strided sample of 256 (r well above the expected
+ * k 256 / n), on shorter rows (64 or more) the row's mean plus the normal quantile of 2 k / n standard
+ * deviations. When fewer than k pass (rare: a row ordered against the sample, or far from normal), the
+ * selection runs on the whole row. scratch: 3 n words. */
 static void gk_row_topk(const float *row, int64_t n, int64_t k, uint32_t *scratch, int64_t *o) {
     uint32_t *keys = scratch, *cols = scratch + n, *work = scratch + 2 * n;
     int64_t m = 0;
-    if (n >= 2048 && 4 * k <= n) {
-        const int64_t ns = 256;
-        double expect = (double)k * ns / (double)n;
-        int64_t r = (int64_t)(expect + 4.0 * sqrt(expect) + 8.0), unused;
-        for (int64_t t = 0; t < ns; ++t)
-            keys[t] = gk_ukey(row[t * n / ns]);
-        uint32_t thr = gk_kth_key(keys, ns, r < ns ? r : ns, work, &unused);
+    if (n >= 64 && 4 * k <= n) {
+        uint32_t thr;
+        if (n >= 2048) {
+            const int64_t ns = 256;
+            double expect = (double)k * ns / (double)n;
+            int64_t r = (int64_t)(expect + 4.0 * sqrt(expect) + 8.0), unused;
+            for (int64_t t = 0; t < ns; ++t)
+                keys[t] = gk_ukey(row[t * n / ns]);
+            thr = gk_kth_key(keys, ns, r < ns ? r : ns, work, &unused);
+        } else {  /* short rows: the row's mean plus z standard deviations, z the normal quantile of twice the
+                   * kept fraction (Abramowitz-Stegun 26.2.23); rows far from normal fall back below */
+            float lane[8] = {0}, lane2[8] = {0};
+            int64_t c = 0;
+            for (; c + 8 <= n; c += 8)
+                for (int l = 0; l < 8; ++l) {
+                    lane[l] += row[c + l];
+                    lane2[l] += row[c + l] * row[c + l];
+                }
+            double sum = 0.0, sum2 = 0.0;
+            for (int l = 0; l < 8; ++l) {
+                sum += lane[l];
+                sum2 += lane2[l];
+            }
+            for (; c < n; ++c) {
+                sum += row[c];
+                sum2 += (double)row[c] * row[c];
+            }
+            double mean = sum / n, var = sum2 / n - mean * mean, p = 2.0 * (double)k / (double)n;
+            double t = sqrt(-2.0 * log(p < 0.5 ? p : 0.5));
+            double z = t - (2.515517 + 0.802853 * t + 0.010328 * t * t) /
+                           (1.0 + 1.432788 * t + 0.189269 * t * t + 0.001308 * t * t * t);
+            thr = gk_ukey((float)(mean + z * sqrt(var > 0.0 ? var : 0.0)));
+        }
         for (int64_t c = 0; c < n; ++c) {
             uint32_t kv = gk_ukey(row[c]);
             keys[m] = kv;
