@@ -193,6 +193,12 @@ def test_memory_queue_fifo_wraps_and_normalises():
     clone = MemoryQueue(4, 5)
     clone.load_state_dict(mq.state_dict())
     assert torch.equal(clone.keys, mq.keys)
+    keys = torch.randn(3, 4, generator=_gen(4), dtype=torch.float64)
+    for batch in (keys, keys.float(), torch.zeros(1, 4)):  # cast to the queue's dtype; a zero row stays zero
+        mq = MemoryQueue(4, 5)
+        mq.enqueue(batch)
+        assert mq.keys.dtype == torch.float32 and mq.ptr == len(batch)
+        torch.testing.assert_close(mq.keys[:len(batch)], F.normalize(batch, dim=1).float())
 
 
 def test_momentum_update():

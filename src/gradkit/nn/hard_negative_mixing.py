@@ -57,10 +57,14 @@ def _indices(top: Tensor, count: int, generator: torch.Generator | None) -> Tens
     return top.gather(1, pick)
 
 
-def _check_mix(keys: Tensor, n_hard: int, s: int, s_prime: int, beta_max: float) -> tuple[int, int, int, float]:
-    n_hard = positive_int("n_hard", n_hard)
+def _check_n_hard(keys: Tensor, n_hard: int) -> None:
     if n_hard > keys.shape[0]:
         raise ArgumentError(f"n_hard must be <= the queue size {keys.shape[0]}, got {n_hard}")
+
+
+def _check_mix(keys: Tensor, n_hard: int, s: int, s_prime: int, beta_max: float) -> tuple[int, int, int, float]:
+    n_hard = positive_int("n_hard", n_hard)
+    _check_n_hard(keys, n_hard)
     return n_hard, nonneg_int("s", s), nonneg_int("s_prime", s_prime), real_in("beta_max", beta_max, 0.0, 0.5)
 
 
@@ -255,8 +259,8 @@ class InfoNCEWithMixing(nn.Module):
         keys = keys.detach().to(q.dtype)
         l_neg = q @ keys.T  # shared by the ranking and the logits
         mixing = self.mixing
-        if mixing:
-            _check_mix(keys, self.n_hard, self.s, self.s_prime, self.beta_max)
+        if mixing:  # (the other mixing arguments are checked by the constructor)
+            _check_n_hard(keys, self.n_hard)
         if _fused.usable(q, k, l_neg, keys):  # one native call each way (k normalised there), no (B, 1 + K + S)
             # logits built
             mix = _fused.Mixing(self.n_hard, self.s, self.s_prime, self.beta_max, self.generator) if mixing else None

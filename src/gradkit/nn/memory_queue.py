@@ -57,11 +57,16 @@ class MemoryQueue(nn.Module):
         if keys.dim() != 2 or keys.shape[1] != self.dim:
             raise ArgumentError(f"keys must be a (B, {self.dim}) matrix for a queue of width dim={self.dim}, "
                                 f"got shape {tuple(keys.shape)}")
-        keys = F.normalize(keys.detach()[-self.size:], dim=1).to(self.keys)
+        keys = keys.detach()[-self.size:]
         b = keys.shape[0]
-        if self.ptr + b <= self.size:  # no wrap: one slice copy
-            self.keys[self.ptr:self.ptr + b] = keys
+        if self.ptr + b <= self.size and keys.dtype == self.keys.dtype and keys.device == self.keys.device:
+            # no wrap: the normalised rows written straight into their slice (F.normalize's formula, in place)
+            norm = torch.linalg.vector_norm(keys, dim=1, keepdim=True).clamp_min_(1e-12)
+            torch.div(keys, norm, out=self.keys[self.ptr:self.ptr + b])
+        elif self.ptr + b <= self.size:
+            self.keys[self.ptr:self.ptr + b] = F.normalize(keys, dim=1).to(self.keys)
         else:
+            keys = F.normalize(keys, dim=1).to(self.keys)
             idx = (self.ptr + torch.arange(b, device=self.keys.device)) % self.size
             self.keys[idx] = keys
         self.ptr = (self.ptr + b) % self.size
