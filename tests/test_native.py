@@ -436,6 +436,31 @@ def test_fused_queue_info_nce_wide_logits_and_nan():
 
 
 @needs_native
+def test_fused_queue_info_nce_bad_input(torch_path):
+    """The kernels read raw memory: shapes, dtypes, devices and mixing arguments are checked first."""
+    from gradkit._validate import ArgumentError
+    from gradkit.functional.queue_info_nce import Mixing, queue_info_nce
+
+    q_raw, k, keys = _info_nce_case(4, 50, 8)
+    q = q_raw / q_raw.norm(dim=1, keepdim=True)
+    lneg = q @ keys.T
+    bad = [((q, k, lneg[:, :40], keys, 0.2, None), "lneg"),
+           ((q, k[:3], lneg, keys, 0.2, None), "k"),
+           ((q, k, lneg, keys[:, :6], 0.2, None), "keys"),
+           ((q.double(), k, lneg, keys, 0.2, None), "float32"),
+           ((q, k, lneg.t().contiguous().t(), keys, 0.2, None), "contiguous"),
+           ((q, k, lneg, keys, 0.0, None), "tau"),
+           ((q, k, lneg, keys, 0.2, Mixing(51, 4, 2, 0.5)), "n_hard"),
+           ((q, k, lneg, keys, 0.2, Mixing(8, -1, 2, 0.5)), "s"),
+           ((q, k, lneg, keys, 0.2, Mixing(8, 4, 2, 0.7)), "beta_max")]
+    for args, match in bad:
+        with pytest.raises(ArgumentError, match=match):
+            queue_info_nce(*args)
+    with torch_path(), pytest.raises(ArgumentError, match="native kernels"):
+        queue_info_nce(q, k, lneg, keys, 0.2)
+
+
+@needs_native
 def test_module_native_and_pytorch_paths_agree_without_mixing(torch_path):
     """Plain MoCo (no draws, so both paths see the same logits): loss, gradient and diagnostics agree."""
     from gradkit.nn.hard_negative_mixing import InfoNCEWithMixing

@@ -34,6 +34,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .. import _native
+from .._validate import ArgumentError, nonneg_int, optional_generator, positive, positive_int, real_in
 
 __all__ = ["Draws", "Mixing", "QueueInfoNCE", "queue_info_nce", "usable"]
 
@@ -119,15 +120,44 @@ class _QueueInfoNCE(torch.autograd.Function):
         return dq, None, grad_l, None, None, None, None, None, None, None, None
 
 
+def _check(q: Tensor, k: Tensor, lneg: Tensor, keys: Tensor, tau: float, mixing: Mixing | None) -> None:
+    """Clear errors for what the kernels cannot take (they read raw memory: a wrong shape would read past it)."""
+    mats = {"q": q, "k": k, "lneg": lneg, "keys": keys}
+    for name, t in mats.items():
+        if not isinstance(t, Tensor) or t.dtype != torch.float32 or t.dim() != 2 or t.device.type != "cpu":
+            got = f"{t.dtype} {t.dim()}-d on {t.device}" if isinstance(t, Tensor) else type(t).__name__
+            raise ArgumentError(f"{name} must be a float32 matrix on the CPU (elsewhere use InfoNCEWithMixing, "
+                                f"which falls back to PyTorch), got {got}")
+    if not (q.is_contiguous() and lneg.is_contiguous()):
+        raise ArgumentError("q and lneg must be contiguous")
+    b, d = q.shape
+    if k.shape != q.shape or lneg.shape[0] != b or keys.shape[1] != d or lneg.shape[1] != keys.shape[0]:
+        raise ArgumentError(f"q and k must be (B, d), lneg (B, K) and keys (K, d); got q {tuple(q.shape)}, "
+                            f"k {tuple(k.shape)}, lneg {tuple(lneg.shape)}, keys {tuple(keys.shape)}")
+    positive("tau", tau)
+    if _native.native() is None:
+        raise ArgumentError("the native kernels are not available here (no C compiler, or GRADKIT_NATIVE=0); "
+                            "InfoNCEWithMixing falls back to PyTorch")
+    if mixing is not None:
+        if positive_int("n_hard", mixing.n_hard) > keys.shape[0]:
+            raise ArgumentError(f"n_hard must be <= the number of keys {keys.shape[0]}, got {mixing.n_hard}")
+        nonneg_int("s", mixing.s)
+        nonneg_int("s_prime", mixing.s_prime)
+        real_in("beta_max", mixing.beta_max, 0.0, 0.5)
+        optional_generator(mixing.generator)
+
+
 def queue_info_nce(q: Tensor, k: Tensor, lneg: Tensor, keys: Tensor, tau: float,
                    mixing: Mixing | None = None) -> QueueInfoNCE:
     """The loss described in the module docstring, with the positive and synthetic logits for diagnostics and
     the draws made.
 
-    q (B, d) with grad, unit rows; k (B, d), normalised here (no grad); lneg = q @ keys.T (B, K), differentiable, the path by which
-    most of q's gradient flows; keys (K, d); tau > 0; mixing: MoCHi's parameters, or None for plain MoCo
-    (arguments validated by the caller, n_hard <= K). Needs :func:`usable` (q, k, lneg, keys).
+    q (B, d) with grad, unit rows; k (B, d), normalised here (no grad); lneg = q @ keys.T (B, K), differentiable,
+    the path by which most of q's gradient flows; keys (K, d); tau > 0; mixing: MoCHi's parameters (n_hard <= K, s, s' >= 0,
+    beta_max in [0, 0.5]), or None for plain MoCo. All float32 on the CPU with the kernels built (:func:`usable`);
+    anything else raises ``ValueError``.
     """
+    _check(q, k, lneg, keys, tau, mixing)
     if mixing is None:
         mixing = Mixing(1, 0, 0, 0.0)
     seed = _seed(mixing.generator) if mixing.s + mixing.s_prime else 0
